@@ -1,0 +1,55 @@
+"""Options and helpers shared by several commands."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=False)
+
+CONFIG_OPTION = typer.Option(None, "--config", "-c", help="YAML config file; flags given here override it.")
+SET_OPTION = typer.Option(
+    [], "--set", help="Override a config value, e.g. --set steps=500 (YAML syntax for the value). Repeatable."
+)
+DATA_ROOT_OPTION = typer.Option(
+    None, "--data-root", help="Directory with text/ and vision/ datasets (default: $DISTAC_DATA or ../shared/data)."
+)
+DEVICE_OPTION = typer.Option("auto", "--device", help="cpu, cuda, cuda:1 or auto (CUDA when available).")
+
+
+def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*[format_cell(v) for v in row])
+    console.print(table)
+
+
+def format_cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.3e}"
+    return str(value)
+
+
+def dump_json(payload: Mapping[str, Any]) -> str:
+    return json.dumps(payload, indent=2, default=str)
+
+
+def merged_options(config: Mapping[str, Any], **flags: Any) -> dict[str, Any]:
+    """Config values overridden by flags that the user actually gave (not None)."""
+    out = dict(config)
+    out.update({k: v for k, v in flags.items() if v is not None})
+    return out
+
+
+def require_exists(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise typer.BadParameter(f"{what} {path} does not exist")
+    return path

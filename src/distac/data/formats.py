@@ -1,0 +1,209 @@
+"""Standard public formats a user already has: CSV/TSV files, HF ``datasets`` saved to disk,
+and image folders (``root/<split>/<class>/*.png``, torchvision ``ImageFolder`` layout)."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from distac.data.tasks import Split, TaskData, TextPair, carve_validation
+from distac.errors import DataError
+
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm"}
+
+
+def read_table(
+    file: str | Path,
+    *,
+    text_columns: Sequence[str] = ("text_a", "text_b"),
+    label_column: str = "label",
+    delimiter: str | None = None,
+) -> tuple[list[TextPair], list[str]]:
+    """Read text pairs and raw label strings; the second text column is optional."""
+    file = Path(file)
+    if not file.is_file():
+        raise DataError(f"{file}: no such file")
+    delimiter = delimiter or ("\t" if file.suffix in {".tsv", ".txt"} else ",")
+    with open(file, newline="", encoding="utf-8") as handle:
+        quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+        reader = csv.DictReader(handle, delimiter=delimiter, quoting=quoting)
+        columns = reader.fieldnames or []
+        first, *rest = text_columns
+        for needed in (first, label_column):
+            if needed not in columns:
+                raise DataError(f"{file}: missing column {needed!r} (found columns {columns})")
+        second = rest[0] if rest and rest[0] in columns else None
+        inputs: list[TextPair] = []
+        labels: list[str] = []
+        for line, row in enumerate(reader, start=2):
+            label = (row.get(label_column) or "").strip()
+            if label == "":
+                raise DataError(f"{file}:{line}: empty label")
+            inputs.append((row[first] or "", (row.get(second) or None) if second else None))
+            labels.append(label)
+    if not inputs:
+        raise DataError(f"{file}: no examples")
+    return inputs, labels
+
+
+def load_table_task(
+    name: str,
+    train: str | Path,
+    test: str | Path,
+    validation: str | Path | None = None,
+    *,
+    text_columns: Sequence[str] = ("text_a", "text_b"),
+    label_column: str = "label",
+    class_names: Sequence[str] | None = None,
+    seed: int = 0,
+) -> TaskData:
+    """A text task from CSV/TSV files; labels may be integers or class names."""
+    tr_in, tr_lab = read_table(train, text_columns=text_columns, label_column=label_column)
+    te_in, te_lab = read_table(test, text_columns=text_columns, label_column=label_column)
+    all_labels = tr_lab + te_lab
+    if class_names is None:
+        unique = sorted(set(all_labels))
+        try:
+            unique = [str(u) for u in sorted(unique, key=int)]
+        except ValueError:
+            pass
+        class_names = unique
+    index = _label_index(class_names, all_labels, train)
+    tr = Split(tr_in, np.array([index[v] for v in tr_lab]))
+    te = Split(te_in, np.array([index[v] for v in te_lab]))
+    if validation is not None:
+        va_in, va_lab = read_table(validation, text_columns=text_columns, label_column=label_column)
+        va = Split(va_in, np.array([index[v] for v in va_lab]))
+    else:
+        tr, va = carve_validation(tr, 0.1, seed)
+    return TaskData(name=name, kind="text", class_names=list(class_names), train=tr, validation=va, test=te,
+                    source=str(train))
+
+
+def _label_index(class_names: Sequence[str], labels: Sequence[str], source: object) -> dict[str, int]:
+    index = {str(c): i for i, c in enumerate(class_names)}
+    if all(v in index for v in labels):
+        return index
+    try:  # integer labels
+        numeric = {str(i): i for i in range(len(class_names))}
+        bad = sorted({v for v in labels if v not in numeric})
+    except ValueError:
+        bad = []
+    if bad:
+        raise DataError(f"{source}: labels {bad[:5]} are not among the {len(class_names)} classes {list(class_names)}")
+    return numeric
+
+
+def load_hf_dataset(
+    path: str | Path,
+    name: str | None = None,
+    *,
+    text_columns: Sequence[str] | None = None,
+    image_column: str | None = None,
+    label_column: str = "label",
+    seed: int = 0,
+) -> TaskData:
+    """A ``datasets.DatasetDict`` saved with ``save_to_disk`` (splits train / validation / test)."""
+    try:
+        from datasets import load_from_disk
+    except ImportError as exc:  # pragma: no cover
+        raise DataError("reading HF datasets needs the 'datasets' package (pip install distac[data])") from exc
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such dataset directory")
+    try:
+        dataset = load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as exc:
+        raise DataError(f"{path}: not a dataset saved with save_to_disk: {exc}") from exc
+    if not hasattr(dataset, "keys"):
+        raise DataError(f"{path}: expected a DatasetDict with splits, found a single Dataset")
+    splits = {k: dataset[k] for k in dataset}
+    split_names = {"validation": ("validation", "valid", "dev", "val"), "test": ("test",), "train": ("train",)}
+    found = {role: next((splits[s] for s in names if s in splits), None) for role, names in split_names.items()}
+    if found["train"] is None or found["test"] is None:
+        raise DataError(f"{path}: needs 'train' and 'test' splits, found {sorted(splits)}")
+    features = found["train"].features
+    if label_column not in features:
+        raise DataError(f"{path}: missing label column {label_column!r} (columns {list(features)})")
+    label_feature = features[label_column]
+    class_names = list(getattr(label_feature, "names", []) or [])
+    if image_column is None and text_columns is None:
+        image_column = next((c for c in ("image", "img", "pixel_values") if c in features), None)
+        if image_column is None:
+            text_columns = [c for c in ("sentence1", "sentence2", "sentence", "question", "text", "premise",
+                                        "hypothesis") if c in features][:2]
+            if not text_columns:
+                raise DataError(f"{path}: cannot tell the input columns; pass text_columns or image_column")
+
+    def convert(ds: object) -> Split:
+        labels = np.asarray(ds[label_column], dtype=np.int64)  # type: ignore[index]
+        if image_column is not None:
+            images = np.stack([np.asarray(img.convert("RGB") if hasattr(img, "convert") else img, dtype=np.uint8)
+                               for img in ds[image_column]])  # type: ignore[index]
+            return Split(images, labels)
+        cols = [ds[c] for c in text_columns]  # type: ignore[index,union-attr]
+        pairs = [(a, b) for a, b in zip(cols[0], cols[1], strict=True)] if len(cols) > 1 else [(a, None) for a in cols[0]]
+        return Split(pairs, labels)
+
+    train, test = convert(found["train"]), convert(found["test"])
+    validation = convert(found["validation"]) if found["validation"] is not None else None
+    if validation is None:
+        train, validation = carve_validation(train, 0.1, seed)
+    if not class_names:
+        class_names = [str(i) for i in range(int(max(train.labels.max(), test.labels.max())) + 1)]
+    return TaskData(name=name or path.name, kind="image" if image_column else "text", class_names=class_names,
+                    train=train, validation=validation, test=test, source=str(path))
+
+
+def load_image_folder(root: str | Path, name: str | None = None, *, size: int | None = None, seed: int = 0) -> TaskData:
+    """``root/train/<class>/*.png`` and ``root/test/<class>/...`` (optional ``val``), or a flat
+    ``root/<class>/...`` that is split 70/10/20 with a fixed seed."""
+    from PIL import Image
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such image folder")
+
+    def read_split(directory: Path, classes: list[str] | None) -> tuple[Split, list[str]]:
+        class_dirs = sorted(d for d in directory.iterdir() if d.is_dir())
+        names = classes or [d.name for d in class_dirs]
+        unknown = [d.name for d in class_dirs if d.name not in names]
+        if unknown:
+            raise DataError(f"{directory}: class folders {unknown} do not appear in the training split")
+        images, labels = [], []
+        for d in class_dirs:
+            for file in sorted(d.iterdir()):
+                if file.suffix.lower() in IMAGE_SUFFIXES:
+                    img = Image.open(file).convert("RGB")
+                    if size is not None:
+                        img = img.resize((size, size))
+                    images.append(np.asarray(img, dtype=np.uint8))
+                    labels.append(names.index(d.name))
+        if not images:
+            raise DataError(f"{directory}: no images found")
+        shapes = {im.shape for im in images}
+        if len(shapes) > 1:
+            raise DataError(f"{directory}: images have different sizes {sorted(shapes)[:3]}; pass size=")
+        return Split(np.stack(images), np.array(labels)), names
+
+    if (root / "train").is_dir():
+        train, classes = read_split(root / "train", None)
+        if not (root / "test").is_dir():
+            raise DataError(f"{root}: has train/ but no test/ folder")
+        test, _ = read_split(root / "test", classes)
+        val_dir = next((root / v for v in ("val", "validation", "valid") if (root / v).is_dir()), None)
+        if val_dir is not None:
+            validation, _ = read_split(val_dir, classes)
+        else:
+            train, validation = carve_validation(train, 0.1, seed)
+    else:
+        everything, classes = read_split(root, None)
+        rest, test = carve_validation(everything, 0.2, seed)
+        train, validation = carve_validation(rest, 0.125, seed + 1)
+    return TaskData(name=name or root.name, kind="image", class_names=classes, train=train, validation=validation,
+                    test=test, source=str(root))

@@ -1,0 +1,181 @@
+"""Loaders for the real datasets in ``../shared/data`` (text TSVs and vision npz files).
+
+Text: ``text/<task>/{train,test}.tsv`` with columns ``text_a``, ``text_b``, ``label``; the test
+file is the official dev/test split, validation is carved from train (10 %, seed 0).
+Vision: ``vision/<name>.npz`` with ``x_<split>``/``y_<split>`` (or MedMNIST-style
+``<split>_images``/``<split>_labels``); GTSRB validation is split by track of 30 frames; Flowers
+has no official split and is split 70/10/20 with a fixed seed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from distac.data.formats import read_table
+from distac.data.tasks import Split, TaskData, carve_validation
+from distac.errors import DataError
+
+VALIDATION_FRACTION = 0.1
+SPLIT_SEED = 0
+
+TEXT_TASKS = (
+    "sst2", "cola", "mrpc", "rte", "qnli_from_dev", "snli_small", "agnews_small", "trec", "sick_e", "subj",
+    "mr", "cr", "mpqa", "sst5", "amazon_books", "amazon_dvd", "amazon_electronics", "amazon_kitchen",
+    "amazon_airline",
+)
+VISION_TASKS = {
+    "mnist": "mnist.npz",
+    "cifar10": "cifar10_1k.npz",
+    "gtsrb": "gtsrb32_300.npz",
+    "flowers5": "flowers5_64.npz",
+    "pneumoniamnist": "pneumoniamnist_v.npz",
+}
+#: Readable names used in tables and in CLIP prompts.
+TASK_ALIASES = {"qnli": "qnli_from_dev", "snli": "snli_small", "agnews": "agnews_small", "ag_news": "agnews_small",
+                "trec6": "trec", "flowers": "flowers5", "pneumonia": "pneumoniamnist"}
+TEXT_CLASS_NAMES = {
+    "sst2": ["negative", "positive"],
+    "cola": ["unacceptable", "acceptable"],
+    "mrpc": ["not_equivalent", "equivalent"],
+    "rte": ["entailment", "not_entailment"],
+    "agnews_small": ["world", "sports", "business", "sci/tech"],
+}
+GTSRB_TRACK = 30
+
+
+def default_data_root() -> Path:
+    """``$DISTAC_DATA`` or ``../shared/data`` next to the working directory / the repository."""
+    env = os.environ.get("DISTAC_DATA")
+    if env:
+        return Path(env)
+    candidates = [Path.cwd() / "../shared/data", Path(__file__).resolve().parents[3] / "../shared/data",
+                  Path.cwd() / "shared/data"]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate.resolve()
+    raise DataError("cannot find the shared data directory: set DISTAC_DATA or pass --data-root")
+
+
+def canonical_task(name: str) -> str:
+    return TASK_ALIASES.get(name, name)
+
+
+def available_tasks(root: str | Path | None = None) -> dict[str, str]:
+    root = Path(root) if root else default_data_root()
+    out = {t: "text" for t in TEXT_TASKS if (root / "text" / t / "train.tsv").is_file()}
+    out.update({t: "image" for t, f in VISION_TASKS.items() if (root / "vision" / f).is_file()})
+    return out
+
+
+def load_shared_task(name: str, root: str | Path | None = None) -> TaskData:
+    name = canonical_task(name)
+    root = Path(root) if root else default_data_root()
+    if name in VISION_TASKS:
+        return load_vision_npz(root / "vision" / VISION_TASKS[name], name)
+    if name in TEXT_TASKS or (root / "text" / name).is_dir():
+        return load_text_task_dir(root / "text" / name, name)
+    raise DataError(f"unknown task {name!r}; known: {sorted(set(TEXT_TASKS) | set(VISION_TASKS))}")
+
+
+def _label_order(values: list[str]) -> list[str]:
+    unique = sorted(set(values))
+    try:
+        return [str(v) for v in sorted(unique, key=lambda v: int(v))]
+    except ValueError:
+        return unique
+
+
+def load_text_task_dir(directory: Path, name: str) -> TaskData:
+    """``train.tsv`` (+ optional ``validation.tsv``/``dev.tsv``) and ``test.tsv``."""
+    train_file, test_file = directory / "train.tsv", directory / "test.tsv"
+    for file in (train_file, test_file):
+        if not file.is_file():
+            raise DataError(f"{file}: missing (task {name!r})")
+    train_in, train_lab = read_table(train_file, text_columns=("text_a", "text_b"), label_column="label")
+    test_in, test_lab = read_table(test_file, text_columns=("text_a", "text_b"), label_column="label")
+    if any(not _is_class_label(v) for v in train_lab[:50]):
+        raise DataError(f"{train_file}: labels look continuous (regression task?); distac needs class labels")
+    label_names = _label_order(list(train_lab) + list(test_lab))
+    index = {v: i for i, v in enumerate(label_names)}
+    train = Split(train_in, np.array([index[v] for v in train_lab]))
+    test = Split(test_in, np.array([index[v] for v in test_lab]))
+    val_file = next((directory / f for f in ("validation.tsv", "dev.tsv") if (directory / f).is_file()), None)
+    if val_file is not None:
+        val_in, val_lab = read_table(val_file, text_columns=("text_a", "text_b"), label_column="label")
+        validation = Split(val_in, np.array([index[v] for v in val_lab]))
+    else:
+        train, validation = carve_validation(train, VALIDATION_FRACTION, SPLIT_SEED)
+    class_names = TEXT_CLASS_NAMES.get(name) if len(TEXT_CLASS_NAMES.get(name, [])) == len(label_names) else None
+    return TaskData(
+        name=name,
+        kind="text",
+        class_names=class_names or label_names,
+        train=train,
+        validation=validation,
+        test=test,
+        metric="mcc" if name == "cola" else "accuracy",
+        source=str(directory),
+    )
+
+
+def _is_class_label(value: str) -> bool:
+    try:
+        return float(value).is_integer()
+    except ValueError:
+        return True
+
+
+def load_vision_npz(file: Path, name: str) -> TaskData:
+    if not file.is_file():
+        raise DataError(f"{file}: missing (task {name!r})")
+    try:
+        arrays = dict(np.load(file, allow_pickle=False))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{file}: not a readable npz archive: {exc}") from exc
+
+    def get(split: str) -> Split | None:
+        for x_key, y_key in ((f"x_{split}", f"y_{split}"), (f"{split}_images", f"{split}_labels")):
+            if x_key in arrays and y_key in arrays:
+                x, y = arrays[x_key], arrays[y_key].reshape(-1)
+                if x.dtype != np.uint8:
+                    raise DataError(f"{file}: {x_key} must be uint8 images, found {x.dtype}")
+                return Split(x, y.astype(np.int64))
+        return None
+
+    train, test, validation = get("train"), get("test"), get("val")
+    info: dict[str, object] = {}
+    if train is None and (everything := get("all")) is not None:
+        rest, test = carve_validation(everything, 0.2, SPLIT_SEED)
+        train, validation = carve_validation(rest, 0.125, SPLIT_SEED + 1)
+        info["split"] = "seeded 70/10/20 split of x_all"
+    if train is None or test is None:
+        raise DataError(f"{file}: expected keys x_train/y_train and x_test/y_test (or x_all/y_all), found {sorted(arrays)}")
+    if validation is None:
+        groups = None
+        if name == "gtsrb":
+            groups = _gtsrb_tracks(train.labels)
+            info["validation"] = "whole tracks of 30 frames held out"
+        train, validation = carve_validation(train, VALIDATION_FRACTION, SPLIT_SEED, groups)
+    n_classes = int(max(train.labels.max(), test.labels.max(), validation.labels.max())) + 1
+    if "classes" in arrays:
+        class_names = [str(c) for c in arrays["classes"]]
+    else:
+        class_names = {"pneumoniamnist": ["normal", "pneumonia"]}.get(name, [str(i) for i in range(n_classes)])
+    if name == "gtsrb" and class_names[0] == "0":
+        class_names = [f"traffic sign {c}" for c in class_names]
+    return TaskData(name=name, kind="image", class_names=class_names, train=train, validation=validation,
+                    test=test, metric="accuracy", source=str(file), info=info)
+
+
+def _gtsrb_tracks(labels: np.ndarray) -> np.ndarray:
+    """Frames of one physical sign are stored consecutively per class in runs of 30."""
+    groups = np.zeros(len(labels), dtype=np.int64)
+    position: dict[int, int] = {}
+    for i, label in enumerate(labels.tolist()):
+        k = position.get(label, 0)
+        groups[i] = label * 10_000 + k // GTSRB_TRACK
+        position[label] = k + 1
+    return groups

@@ -1,0 +1,150 @@
+"""The one model interface: a shared backbone plus a per-task head, producing logits.
+
+Every adapter (Hugging Face text encoders, CLIP with zero-shot heads, timm / torchvision image
+backbones) subclasses :class:`ClassifierModel`. Its state dict is split by prefix:
+
+* ``backbone.*`` - shared across tasks; the task vector is taken over these parameters;
+* ``head.*`` - per task (a linear layer, or CLIP's frozen zero-shot text embeddings).
+
+BatchNorm running statistics live in the backbone but are estimated, not trained, so the task
+vector selector leaves them out and they stay per task.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from distac.errors import CheckpointError, DataError
+from distac.task_vectors import DEFAULT_STATISTIC_PATTERNS, ParameterSelector
+
+SPEC_FILE = "distac_model.json"
+Inputs = dict[str, torch.Tensor]
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild a model's architecture (weights come from the state dict)."""
+
+    family: str
+    backbone: str
+    num_labels: int
+    task: str | None = None
+    class_names: list[str] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, payload: Mapping[str, Any], source: object = "spec") -> ModelSpec:
+        try:
+            return cls(
+                family=str(payload["family"]),
+                backbone=str(payload["backbone"]),
+                num_labels=int(payload["num_labels"]),
+                task=payload.get("task"),
+                class_names=list(payload["class_names"]) if payload.get("class_names") else None,
+                options=dict(payload.get("options") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{source}: invalid model spec: {exc}") from exc
+
+    @classmethod
+    def read(cls, directory: str | Path) -> ModelSpec:
+        file = Path(directory) / SPEC_FILE
+        if not file.is_file():
+            raise CheckpointError(f"{directory}: not a distac model directory (no {SPEC_FILE})")
+        try:
+            payload = json.loads(file.read_text())
+        except ValueError as exc:
+            raise CheckpointError(f"{file}: invalid JSON: {exc}") from exc
+        return cls.from_json(payload, file)
+
+    def with_task(self, task: str, num_labels: int, class_names: Sequence[str] | None) -> ModelSpec:
+        return ModelSpec(
+            family=self.family,
+            backbone=self.backbone,
+            num_labels=num_labels,
+            task=task,
+            class_names=list(class_names) if class_names else None,
+            options=dict(self.options),
+        )
+
+
+class ClassifierModel(nn.Module, ABC):
+    """backbone + head -> logits. Subclasses define ``encode`` (raw inputs -> tensors),
+    ``features`` (inputs -> pooled features) and keep ``self.backbone`` / ``self.head``."""
+
+    family: ClassVar[str]
+    backbone: nn.Module
+    head: nn.Module
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+
+    # -- the interface -------------------------------------------------------------------------
+    @abstractmethod
+    def encode(self, raw: Sequence[Any] | Any) -> Inputs:
+        """Turn raw examples (text pairs or uint8 images) into model inputs on the CPU."""
+
+    @abstractmethod
+    def features(self, inputs: Inputs) -> torch.Tensor:
+        """Pooled features the head classifies; mixup on text mixes these."""
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
+    def forward(self, inputs: Inputs) -> torch.Tensor:
+        return self.classify(self.features(inputs))
+
+    # -- what is shared and what is trained ----------------------------------------------------
+    def task_vector_selector(self) -> ParameterSelector:
+        return ParameterSelector.backbone_only("backbone.")
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters fine-tuning updates (CLIP overrides this: its text head stays frozen)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def backbone_parameters(self) -> dict[str, nn.Parameter]:
+        selector = self.task_vector_selector()
+        return {n: p for n, p in self.named_parameters() if selector(n, p)}
+
+    def check_labels(self, labels: torch.Tensor | Sequence[int], source: object) -> None:
+        """A dataset whose labels do not fit this head is an error, not a silent wrong answer."""
+        labels_t = torch.as_tensor(labels)
+        if labels_t.numel() == 0:
+            raise DataError(f"{source}: no examples")
+        low, high = int(labels_t.min()), int(labels_t.max())
+        if low < 0 or high >= self.spec.num_labels:
+            raise DataError(
+                f"{source}: labels range over [{low}, {high}] but the model head has {self.spec.num_labels} classes"
+            )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+def statistic_patterns() -> tuple[str, ...]:
+    return DEFAULT_STATISTIC_PATTERNS
+
+
+def move_inputs(inputs: Inputs, device: torch.device | str) -> Inputs:
+    return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+
+
+def slice_inputs(inputs: Inputs, index: slice | torch.Tensor) -> Inputs:
+    return {k: v[index] for k, v in inputs.items()}
+
+
+def num_examples(inputs: Inputs) -> int:
+    return len(next(iter(inputs.values())))

