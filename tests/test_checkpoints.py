@@ -83,8 +83,10 @@ def test_hf_save_pretrained_directories_load(tmp_path: Path, tiny_bert_dir: Path
 
     model = BertModel.from_pretrained(tiny_bert_dir, add_pooling_layer=False)
     state = load_state_dict(tiny_bert_dir)
-    assert torch.equal(state["encoder.layer.0.attention.self.query.weight"],
-                       model.state_dict()["encoder.layer.0.attention.self.query.weight"])
+    assert torch.equal(
+        state["encoder.layer.0.attention.self.query.weight"],
+        model.state_dict()["encoder.layer.0.attention.self.query.weight"],
+    )
     model.save_pretrained(tmp_path / "sharded", max_shard_size="50KB")
     assert (tmp_path / "sharded" / SAFETENSORS_INDEX).is_file()
     sharded = load_state_dict(tmp_path / "sharded")

@@ -56,8 +56,18 @@ def test_task_vector_command(tmp_path: Path) -> None:
     ft = {"backbone.w": torch.full((3, 4), 0.5), "head.weight": torch.ones(2, 4)}
     save_state_dict(pre, tmp_path / "pre")
     save_state_dict(ft, tmp_path / "ft")
-    result = runner.invoke(app, ["task-vector", str(tmp_path / "pre"), str(tmp_path / "ft"), "--output",
-                                 str(tmp_path / "tau"), "--json", str(tmp_path / "n.json")])
+    result = runner.invoke(
+        app,
+        [
+            "task-vector",
+            str(tmp_path / "pre"),
+            str(tmp_path / "ft"),
+            "--output",
+            str(tmp_path / "tau"),
+            "--json",
+            str(tmp_path / "n.json"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     import json
 
@@ -71,7 +81,11 @@ def test_cli_bad_checkpoint_is_one_clear_line(tmp_path: Path) -> None:
     import sys
 
     (tmp_path / "x.safetensors").write_bytes(b"garbage!garbage!")
-    proc = subprocess.run([sys.executable, "-m", "distac.cli", "inspect", str(tmp_path / "x.safetensors")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "distac.cli", "inspect", str(tmp_path / "x.safetensors")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "error:" in proc.stderr and "x.safetensors" in proc.stderr and "Traceback" not in proc.stderr

@@ -33,9 +33,16 @@ def test_sentence_pairs_have_second_text(data_root: Path) -> None:
     assert all(b is None for _, b in sst2.train.inputs[:20])
 
 
-@pytest.mark.parametrize("task,classes,shape", [("mnist", 10, (28, 28)), ("cifar10", 10, (32, 32, 3)),
-                                                 ("gtsrb", 43, (32, 32, 3)), ("flowers5", 5, (64, 64, 3)),
-                                                 ("pneumoniamnist", 2, (28, 28))])
+@pytest.mark.parametrize(
+    "task,classes,shape",
+    [
+        ("mnist", 10, (28, 28)),
+        ("cifar10", 10, (32, 32, 3)),
+        ("gtsrb", 43, (32, 32, 3)),
+        ("flowers5", 5, (64, 64, 3)),
+        ("pneumoniamnist", 2, (28, 28)),
+    ],
+)
 def test_vision_tasks(task: str, classes: int, shape: tuple[int, ...], data_root: Path) -> None:
     data = load_task(task, data_root)
     assert data.num_classes == classes
@@ -68,8 +75,9 @@ def test_csv_task_and_errors(tmp_path: Path) -> None:
         load_table_task("toy", tmp_path / "train.csv", tmp_path / "test.csv", text_columns=("text",))
     (tmp_path / "bad.csv").write_text("sentence,label\nok,pos\nweird,maybe\n")
     with pytest.raises(DataError, match="maybe"):
-        load_table_task("toy", tmp_path / "train.csv", tmp_path / "bad.csv", text_columns=("sentence",),
-                        class_names=["neg", "pos"])
+        load_table_task(
+            "toy", tmp_path / "train.csv", tmp_path / "bad.csv", text_columns=("sentence",), class_names=["neg", "pos"]
+        )
     (tmp_path / "empty.csv").write_text("sentence,label\n")
     with pytest.raises(DataError, match="no examples"):
         load_table_task("toy", tmp_path / "empty.csv", tmp_path / "test.csv", text_columns=("sentence",))
@@ -79,11 +87,16 @@ def test_csv_task_and_errors(tmp_path: Path) -> None:
 
 def test_hf_datasets_saved_to_disk(tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
-    features = datasets.Features({"sentence": datasets.Value("string"),
-                                  "label": datasets.ClassLabel(names=["negative", "positive"])})
+    features = datasets.Features(
+        {"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=["negative", "positive"])}
+    )
     rows = {"sentence": [f"text {i}" for i in range(30)], "label": [i % 2 for i in range(30)]}
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows, features=features),
-                               "test": datasets.Dataset.from_dict(rows, features=features)})
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict(rows, features=features),
+            "test": datasets.Dataset.from_dict(rows, features=features),
+        }
+    )
     dd.save_to_disk(str(tmp_path / "ds"))
     data = load_task(str(tmp_path / "ds"))
     assert data.class_names == ["negative", "positive"]
@@ -100,7 +113,9 @@ def test_image_folder(tmp_path: Path) -> None:
         for cls in ("cat", "dog"):
             (tmp_path / split / cls).mkdir(parents=True)
             for i in range(n):
-                Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
+                Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(
+                    tmp_path / split / cls / f"{i}.png"
+                )
     data = load_image_folder(tmp_path)
     assert data.class_names == ["cat", "dog"] and data.train.inputs.shape[1:] == (16, 16, 3)
     assert len(data.test) == 8

@@ -55,8 +55,12 @@ def test_minilm_real_weights_sentence_similarity(minilm_path: str) -> None:
     """The real all-MiniLM-L6-v2 with mean pooling ranks a paraphrase above an unrelated sentence."""
     model = build_model(ModelSpec("hf-text", "all-MiniLM-L6-v2", 2, task="probe"))
     model.eval()
-    raw = [("A man is playing a guitar.", None), ("Someone is playing an instrument.", None),
-           ("The stock market fell sharply today.", None), ("A person plays music on a guitar.", None)]
+    raw = [
+        ("A man is playing a guitar.", None),
+        ("Someone is playing an instrument.", None),
+        ("The stock market fell sharply today.", None),
+        ("A person plays music on a guitar.", None),
+    ]
     with torch.no_grad():
         emb = torch.nn.functional.normalize(model.features(model.encode(raw)), dim=-1)
     sim = emb @ emb.T
@@ -69,15 +73,24 @@ def test_efficientnet_lite0_imagenet_weights_recognise_daisies(data_root: Path) 
     from distac._compat import import_timm
     from distac.checkpoints import load_state_dict
     from distac.data import load_task
-    from distac.models.vision import LITE0_MEAN, LITE0_STD, convert_lite0_state_dict, efficientnet_lite0_weights_file
-    from distac.models.vision import images_to_tensor
+    from distac.models.vision import (
+        LITE0_MEAN,
+        LITE0_STD,
+        convert_lite0_state_dict,
+        efficientnet_lite0_weights_file,
+        images_to_tensor,
+    )
 
     timm = import_timm()
     full = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
-    full.load_state_dict(convert_lite0_state_dict(load_state_dict(efficientnet_lite0_weights_file()), full.state_dict()))
+    full.load_state_dict(
+        convert_lite0_state_dict(load_state_dict(efficientnet_lite0_weights_file()), full.state_dict())
+    )
     flowers = load_task("flowers5", data_root)
     daisies = flowers.test.inputs[flowers.test.labels == 0][:24]
-    x = images_to_tensor(daisies, 224, torch.tensor(LITE0_MEAN).view(1, 3, 1, 1), torch.tensor(LITE0_STD).view(1, 3, 1, 1))
+    x = images_to_tensor(
+        daisies, 224, torch.tensor(LITE0_MEAN).view(1, 3, 1, 1), torch.tensor(LITE0_STD).view(1, 3, 1, 1)
+    )
     with torch.no_grad():
         top5 = full(x).topk(5, dim=1).indices
     hit_rate = float((top5 == 985).any(dim=1).float().mean())

@@ -282,8 +282,10 @@ def _unshare(state: Mapping[str, torch.Tensor]) -> StateDict:
     for key, tensor in state.items():
         tensor = tensor.detach().to("cpu")
         ident = (tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
-        if ident in seen or not tensor.is_contiguous() or tensor.numel() != tensor.untyped_storage().nbytes() // max(
-            tensor.element_size(), 1
+        if (
+            ident in seen
+            or not tensor.is_contiguous()
+            or tensor.numel() != tensor.untyped_storage().nbytes() // max(tensor.element_size(), 1)
         ):
             tensor = tensor.contiguous().clone()
         else:

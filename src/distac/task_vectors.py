@@ -193,7 +193,9 @@ class TaskVector:
         return cls(load_state_dict(path), name=Path(path).name)
 
     def __repr__(self) -> str:
-        return f"TaskVector(name={self.name!r}, params={len(self.deltas)}, numel={self.numel()}, norm={self.norm():.4g})"
+        return (
+            f"TaskVector(name={self.name!r}, params={len(self.deltas)}, numel={self.numel()}, norm={self.norm():.4g})"
+        )
 
 
 def layer_group(key: str, depth: int | None = None) -> str:

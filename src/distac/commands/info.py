@@ -24,7 +24,9 @@ def register(app: typer.Typer) -> None:
         print_table("tasks", ["task", "kind", "classes", "metric", "train", "validation", "test"], rows)
 
     @app.command("inspect")
-    def inspect(checkpoint: Path = typer.Argument(..., help="Model directory, .safetensors, or torch state dict.")) -> None:
+    def inspect(
+        checkpoint: Path = typer.Argument(..., help="Model directory, .safetensors, or torch state dict."),
+    ) -> None:
         """Show the tensors of a checkpoint (shapes and dtypes) without loading the weights."""
         from distac.checkpoints import human_bytes, open_checkpoint
 
@@ -38,7 +40,9 @@ def register(app: typer.Typer) -> None:
                 numel *= d
             total += numel
             rows.append([key, "x".join(map(str, shape)) or "scalar", dtype.replace("torch.", ""), numel])
-        print_table(f"{checkpoint} ({reader.kind}, {len(rows)} tensors)", ["name", "shape", "dtype", "numel"], rows[:200])
+        print_table(
+            f"{checkpoint} ({reader.kind}, {len(rows)} tensors)", ["name", "shape", "dtype", "numel"], rows[:200]
+        )
         console.print(f"total parameters: {total:,} ({human_bytes(total * 4)} as float32)")
 
     @app.command("task-vector")
@@ -59,12 +63,21 @@ def register(app: typer.Typer) -> None:
         selector = ParameterSelector(include=tuple(include), exclude=tuple(exclude)) if (include or exclude) else None
         tv = TaskVector.from_checkpoints(pretrained, finetuned, selector)
         layers = tv.layer_norms()
-        console.print(f"task vector over {len(tv.deltas)} tensors, {tv.numel():,} parameters; ||tau|| = {tv.norm():.6g}")
+        console.print(
+            f"task vector over {len(tv.deltas)} tensors, {tv.numel():,} parameters; ||tau|| = {tv.norm():.6g}"
+        )
         largest = sorted(layers.items(), key=lambda kv: -kv[1])[:top]
         print_table("largest per-layer norms", ["layer", "norm"], [[k, v] for k, v in largest])
         if output is not None:
             tv.save(output)
             console.print(f"saved task vector to {output}")
         if json_out is not None:
-            atomic_write_json(json_out, {"norm": tv.norm(), "numel": tv.numel(), "layer_norms": layers,
-                                         "parameter_norms": tv.parameter_norms()})
+            atomic_write_json(
+                json_out,
+                {
+                    "norm": tv.norm(),
+                    "numel": tv.numel(),
+                    "layer_norms": layers,
+                    "parameter_norms": tv.parameter_norms(),
+                },
+            )

