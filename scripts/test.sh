@@ -5,7 +5,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-"$PY" -m ruff check src tests benchmarks scripts || exit 1
+"$PY" -m ruff check . || exit 1
 "$PY" -m pytest -q "$@"
 status=$?
 if [ "$status" -eq 5 ]; then
