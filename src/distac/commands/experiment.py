@@ -1,0 +1,52 @@
+"""``distac experiment NAME``: run one of the paper's experiments as a resumable pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from distac.commands.common import DATA_ROOT_OPTION, SET_OPTION, console
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("experiment")
+    def experiment(
+        name: str = typer.Argument(
+            ..., help="Experiment config: a bundled name (demo, text8, vision, clip-vit-b32) or a YAML path."
+        ),
+        run_dir: Path | None = typer.Option(
+            None, "--run-dir", help="Where stages are cached (default runs/<name>); rerun to resume."
+        ),
+        results_dir: Path | None = typer.Option(
+            None, "--results-dir", help="Also copy results.json, table1.md and plots here (e.g. results/<name>)."
+        ),
+        scenario: list[str] = typer.Option(
+            [], "--scenario", help="Run only these scenarios (repeatable; default: all in the config)."
+        ),
+        overrides: list[str] = SET_OPTION,
+        data_root: Path | None = DATA_ROOT_OPTION,
+        list_only: bool = typer.Option(False, "--list", help="List the bundled experiments and exit."),
+    ) -> None:
+        """Fine-tune sources, condition them with DisTaC, merge with every method, and tabulate (Table 1)."""
+        from distac.experiments.config import available_experiments, load_experiment
+        from distac.experiments.pipeline import ExperimentRunner
+        from distac.experiments.report import write_report
+
+        if list_only:
+            console.print("\n".join(available_experiments()))
+            return
+        config = load_experiment(name, overrides)
+        run_dir = run_dir or Path("runs") / config.name
+        runner = ExperimentRunner(config, run_dir, data_root=data_root, echo=console.print)
+        runner.run(scenario or None)
+        report = write_report(run_dir)
+        console.print(report.read_text().split("\n\n")[1])
+        if results_dir is not None:
+            import shutil
+
+            results_dir.mkdir(parents=True, exist_ok=True)
+            for file in ("results.json", "table1.md", "table1.png", "conditioning_history.png"):
+                if (run_dir / file).is_file():
+                    shutil.copyfile(run_dir / file, results_dir / file)
+            console.print(f"results copied to {results_dir}")

@@ -1,0 +1,327 @@
+"""``distac merge``: merge fine-tuned checkpoints with any method, on real files.
+
+Two kinds of input:
+
+* plain checkpoints (HF directories, safetensors, state dicts): ``--pretrained`` is required; the
+  merged state dict is written with the pretrained model's config, ready for ``from_pretrained``.
+  Heads and BatchNorm statistics are excluded from the task vectors by default (``--include`` /
+  ``--exclude`` globs change that) and copied from the pretrained checkpoint.
+* distac model directories (``distac finetune`` output): the pretrained backbone is rebuilt from
+  their spec unless ``--pretrained`` is given, ``--search`` picks the coefficient on each task's
+  validation split, and one merged model per task (shared backbone + that task's head) is written.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from distac.commands.common import DATA_ROOT_OPTION, DEVICE_OPTION, SET_OPTION, console, print_table
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("merge")
+    def merge(
+        finetuned: list[Path] = typer.Argument(..., help="Fine-tuned checkpoints or distac model directories."),
+        method: str = typer.Option(..., "--method", "-m", help="Merging method, e.g. task_arithmetic, ties, emr."),
+        output: Path = typer.Option(..., "--output", "-o", help="Output directory (written atomically)."),
+        pretrained: Path | None = typer.Option(
+            None, "--pretrained", "-p", help="Pretrained checkpoint (theta_pre); optional for distac model dirs."
+        ),
+        coefficient: float | None = typer.Option(
+            None, "--coefficient", "-l", help="Scaling coefficient lambda (default: the method's paper default)."
+        ),
+        search: bool = typer.Option(
+            False, "--search", help="Choose lambda on validation data over --grid (distac model dirs only)."
+        ),
+        grid: str = typer.Option("0:1:0.05", "--grid", help="Coefficient grid start:stop:step for --search."),
+        hyper: list[str] = SET_OPTION,
+        include: list[str] = typer.Option([], "--include", help="Glob of parameters to merge (repeatable)."),
+        exclude: list[str] = typer.Option([], "--exclude", help="Glob of parameters never merged (repeatable)."),
+        names: list[str] = typer.Option(
+            [], "--name", help="Task names for the sources, in order (default: dir names)."
+        ),
+        streaming: bool = typer.Option(
+            False, "--streaming", help="Merge tensor by tensor from (sharded) safetensors: memory ~ one model."
+        ),
+        max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Output shard size, e.g. 2GB, 500MB."),
+        device: str = DEVICE_OPTION,
+        data_root: Path | None = DATA_ROOT_OPTION,
+        validation_examples: int | None = typer.Option(
+            None, "--validation-examples", help="Use at most this many validation examples per task in --search."
+        ),
+    ) -> None:
+        """Merge task vectors of fine-tuned models and write the merged model plus merge.json."""
+        from distac.config import apply_overrides
+        from distac.merging.registry import get_method
+
+        hyperparameters = apply_overrides({}, hyper)
+        get_method(method, **hyperparameters)  # validate the method name and hyperparameters before any work
+        if not finetuned:
+            raise typer.BadParameter("give at least one fine-tuned checkpoint")
+        task_names = names or [p.name for p in finetuned]
+        if len(task_names) != len(finetuned) or len(set(task_names)) != len(task_names):
+            raise typer.BadParameter("--name must be given once per source, with distinct names")
+        shard_bytes = parse_size(max_shard_size)
+        from distac.models.base import SPEC_FILE
+
+        distac_models = all((p / SPEC_FILE).is_file() for p in finetuned)
+        if streaming:
+            record = _streaming(
+                pretrained, finetuned, method, coefficient, output, shard_bytes, include, exclude, hyperparameters
+            )
+        elif distac_models:
+            record = _merge_distac_models(
+                finetuned,
+                task_names,
+                method,
+                hyperparameters,
+                output,
+                pretrained,
+                coefficient,
+                search,
+                parse_grid(grid),
+                device,
+                data_root,
+                validation_examples,
+            )
+        else:
+            if search:
+                raise typer.BadParameter("--search needs distac model directories (they know their task and head)")
+            if pretrained is None:
+                raise typer.BadParameter("--pretrained is required for plain checkpoints")
+            record = _merge_checkpoints(
+                pretrained,
+                finetuned,
+                task_names,
+                method,
+                hyperparameters,
+                output,
+                coefficient,
+                include,
+                exclude,
+                shard_bytes,
+            )
+        console.print(f"merged {len(finetuned)} sources with {method} (lambda={record['coefficient']}) -> {output}")
+
+
+def parse_size(text: str) -> int:
+    units = {"KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "B": 1}
+    upper = text.strip().upper()
+    for unit in sorted(units, key=len, reverse=True):
+        if upper.endswith(unit):
+            try:
+                return int(float(upper[: -len(unit)]) * units[unit])
+            except ValueError:
+                break
+    try:
+        return int(upper)
+    except ValueError:
+        raise typer.BadParameter(f"cannot parse size {text!r} (use e.g. 5GB, 500MB)") from None
+
+
+def parse_grid(text: str) -> list[float]:
+    try:
+        start, stop, step = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise typer.BadParameter(f"--grid must be start:stop:step, got {text!r}") from None
+    if step <= 0 or stop < start:
+        raise typer.BadParameter(f"--grid {text!r}: need step > 0 and stop >= start")
+    count = int(round((stop - start) / step)) + 1
+    return [round(start + i * step, 6) for i in range(count)]
+
+
+def _record(
+    method: str,
+    hyper: dict[str, Any],
+    coefficient: float,
+    sources: list[Path],
+    names: list[str],
+    pretrained: Any,
+    seconds: float,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    from distac.environment import environment_record
+
+    return {
+        "method": method,
+        "hyperparameters": hyper,
+        "coefficient": coefficient,
+        "pretrained": str(pretrained),
+        "sources": [{"name": n, "path": str(p)} for n, p in zip(names, sources, strict=True)],
+        "seconds": seconds,
+        "environment": environment_record(),
+        **extra,
+    }
+
+
+def _merge_checkpoints(
+    pretrained: Path,
+    finetuned: list[Path],
+    names: list[str],
+    method: str,
+    hyper: dict[str, Any],
+    output: Path,
+    coefficient: float | None,
+    include: list[str],
+    exclude: list[str],
+    shard_bytes: int,
+) -> dict[str, Any]:
+    from distac.checkpoints import check_state_finite, load_state_dict, save_state_dict
+    from distac.merging.base import apply_merge
+    from distac.merging.registry import get_method
+    from distac.task_vectors import ParameterSelector, TaskVector
+
+    selector = ParameterSelector(include=tuple(include), exclude=tuple(exclude)) if (include or exclude) else None
+    start = time.perf_counter()
+    pre = load_state_dict(pretrained)
+    vectors = []
+    for path in finetuned:
+        state = load_state_dict(path)
+        check_state_finite(state, path)
+        vectors.append(
+            TaskVector.from_state_dicts(
+                pre, state, selector, pretrained_source=pretrained, finetuned_source=path
+            ).deltas
+        )
+    merger = get_method(method, **hyper)
+    result = merger.merge(vectors, task_names=names, pretrained=pre)
+    coef = merger.default_coefficient if coefficient is None else coefficient
+    targets = {name: output / name for name in names} if result.per_task is not None else {None: output}
+    record = _record(
+        method,
+        merger.hyperparameters,
+        coef,
+        finetuned,
+        names,
+        pretrained,
+        time.perf_counter() - start,
+        {"info": result.info, "task_conditional": result.per_task is not None},
+    )
+    for task, target in targets.items():
+        merged = apply_merge(pre, result, coef, task=task)
+        save_state_dict(
+            merged, target, max_shard_bytes=shard_bytes, copy_config_from=pretrained, extra_json={"merge.json": record}
+        )
+    return record
+
+
+def _merge_distac_models(
+    finetuned: list[Path],
+    names: list[str],
+    method: str,
+    hyper: dict[str, Any],
+    output: Path,
+    pretrained: Path | None,
+    coefficient: float | None,
+    search: bool,
+    grid: list[float],
+    device: str,
+    data_root: Path | None,
+    validation_examples: int | None,
+) -> dict[str, Any]:
+    from distac.atomic import atomic_write_json
+    from distac.checkpoints import load_state_dict
+    from distac.data import load_task
+    from distac.experiments.merge_eval import EvalSettings, TaskModelBank, evaluate_method, individual_scores
+    from distac.models import build_model, load_model, save_model
+
+    start = time.perf_counter()
+    models = {n: load_model(p) for n, p in zip(names, finetuned, strict=True)}
+    families = {(m.spec.family, m.spec.backbone) for m in models.values()}
+    if len(families) > 1:
+        raise typer.BadParameter(f"the sources have different architectures: {sorted(families)}")
+    first = next(iter(models.values()))
+    selector = first.task_vector_selector()
+    if pretrained is not None:
+        pre_state = load_state_dict(pretrained)
+    else:
+        pre_state = build_model(first.spec, pretrained=True).state_dict()
+    pre = {k: v for k, v in pre_state.items() if selector(k, v)}
+    vectors = {n: {k: m.state_dict()[k].float() - pre[k].float() for k in pre} for n, m in models.items()}
+    extra: dict[str, Any] = {}
+    if search:
+        tasks = {n: load_task(m.spec.task or n, data_root) for n, m in models.items()}
+        bank = TaskModelBank(
+            models,
+            tasks,
+            EvalSettings(device=device, validation_examples=validation_examples, test_examples=validation_examples),
+        )
+        ind_val = individual_scores(bank, "validation")
+        ind_test = individual_scores(bank, "test")
+        evaluation = evaluate_method(
+            method,
+            pre,
+            vectors,
+            bank,
+            individual_val=ind_val,
+            individual_test=ind_test,
+            grid=grid,
+            hyperparameters=hyper,
+        )
+        coefficient = evaluation.coefficient
+        extra = {
+            "search": evaluation.search,
+            "test": evaluation.test,
+            "absolute": evaluation.absolute,
+            "normalized": evaluation.normalized,
+        }
+        print_table(
+            f"{method}: test scores at lambda={coefficient}",
+            ["task", "score", "normalized"],
+            [[t, r["score"], r["normalized"]] for t, r in evaluation.test.items()],
+        )
+    from distac.merging.base import apply_merge
+    from distac.merging.registry import get_method
+
+    merger = get_method(method, **hyper)
+    result = merger.merge([vectors[n] for n in names], task_names=names, pretrained=pre)
+    coef = merger.default_coefficient if coefficient is None else coefficient
+    record = _record(
+        method,
+        merger.hyperparameters,
+        coef,
+        finetuned,
+        names,
+        pretrained or "from spec",
+        time.perf_counter() - start,
+        {"info": result.info, **extra},
+    )
+    for name, model in models.items():
+        merged = apply_merge(pre, result, coef, task=name if result.per_task is not None else None)
+        model.load_state_dict(merged, strict=False)
+        save_model(model, output / name, extra={"merge.json": record})
+    atomic_write_json(output / "merge.json", record)
+    return record
+
+
+def _streaming(
+    pretrained: Path | None,
+    finetuned: list[Path],
+    method: str,
+    coefficient: float | None,
+    output: Path,
+    shard_bytes: int,
+    include: list[str],
+    exclude: list[str],
+    hyper: dict[str, Any],
+) -> dict[str, Any]:
+    if pretrained is None:
+        raise typer.BadParameter("--streaming needs --pretrained")
+    from distac.merging.streaming import streaming_merge
+    from distac.task_vectors import ParameterSelector
+
+    selector = ParameterSelector(include=tuple(include), exclude=tuple(exclude)) if (include or exclude) else None
+    return streaming_merge(
+        pretrained,
+        finetuned,
+        method=method,
+        coefficient=coefficient,
+        output=output,
+        max_shard_bytes=shard_bytes,
+        selector=selector,
+        hyperparameters=hyper,
+    )

@@ -1,0 +1,1 @@
+"""The paper's experiments as runnable, resumable pipelines (configs in ``distac/configs/experiments``)."""

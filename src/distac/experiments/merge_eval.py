@@ -1,0 +1,150 @@
+"""Evaluate merges the way the paper does: one shared coefficient chosen on validation data,
+then absolute and normalized test accuracy per task.
+
+A merged model for task t is the source model of t (its head, its BatchNorm statistics) with
+the shared backbone parameters replaced by the merged ones. One model object per task is kept and
+its backbone weights are swapped in place, so a coefficient search costs forward passes only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from distac.checkpoints import StateDict
+from distac.data import TaskData
+from distac.evaluation.metrics import TaskMetrics, compute_metrics
+from distac.merging.base import MergeResult, apply_merge
+from distac.merging.coefficient_search import search_coefficient
+from distac.merging.registry import get_method
+from distac.models.base import ClassifierModel
+from distac.models.inference import predict_logits
+
+
+@dataclass
+class EvalSettings:
+    batch_size: int = 128
+    device: str = "auto"
+    validation_examples: int | None = None
+    test_examples: int | None = None
+
+
+class TaskModelBank:
+    """One model per task; ``score`` loads a backbone state into the task's model and evaluates it."""
+
+    def __init__(
+        self,
+        models: Mapping[str, ClassifierModel],
+        tasks: Mapping[str, TaskData],
+        settings: EvalSettings,
+    ) -> None:
+        self.models = dict(models)
+        self.tasks = dict(tasks)
+        self.settings = settings
+        first = next(iter(self.models.values()))
+        self.selector = first.task_vector_selector()
+        self.keys = [k for k, v in first.state_dict().items() if self.selector(k, v)]
+        self._originals = {
+            t: {k: v.detach().clone() for k, v in m.state_dict().items() if k in self.keys}
+            for t, m in self.models.items()
+        }
+
+    def original_backbone(self, task: str) -> StateDict:
+        return self._originals[task]
+
+    def _split(self, task: str, split: str):  # noqa: ANN202
+        data = self.tasks[task].split(split)
+        limit = self.settings.validation_examples if split == "validation" else self.settings.test_examples
+        return data.subsample(limit, seed=17) if limit else data
+
+    @torch.no_grad()
+    def score(self, task: str, backbone: Mapping[str, torch.Tensor] | None, split: str) -> TaskMetrics:
+        model = self.models[task]
+        state = backbone if backbone is not None else self._originals[task]
+        model.load_state_dict({k: state[k] for k in self.keys}, strict=False)
+        data = self._split(task, split)
+        logits = predict_logits(model, data.inputs, batch_size=self.settings.batch_size, device=self.settings.device)
+        return compute_metrics(logits, torch.as_tensor(data.labels), metric=self.tasks[task].metric)
+
+
+def individual_scores(bank: TaskModelBank, split: str) -> dict[str, TaskMetrics]:
+    return {t: bank.score(t, None, split) for t in bank.models}
+
+
+@dataclass
+class MergeEvaluation:
+    method: str
+    coefficient: float
+    search: dict[str, Any] | None
+    test: dict[str, dict[str, float]]
+    absolute: float
+    normalized: float
+    merge_seconds: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "coefficient": self.coefficient,
+            "absolute": self.absolute,
+            "normalized": self.normalized,
+            "merge_seconds": self.merge_seconds,
+            "test": self.test,
+            "search": self.search,
+            "info": self.info,
+        }
+
+
+def evaluate_method(
+    method: str,
+    pretrained: StateDict,
+    task_vectors: Mapping[str, StateDict],
+    bank: TaskModelBank,
+    *,
+    individual_val: Mapping[str, TaskMetrics],
+    individual_test: Mapping[str, TaskMetrics],
+    grid: Sequence[float] | None,
+    hyperparameters: Mapping[str, Any] | None = None,
+    coefficient: float | None = None,
+) -> MergeEvaluation:
+    """Merge, pick the coefficient on validation (unless given or the method has none), test."""
+    names = list(task_vectors)
+    merger = get_method(method, **dict(hyperparameters or {}))
+    start = time.perf_counter()
+    result: MergeResult = merger.merge([task_vectors[t] for t in names], task_names=names, pretrained=pretrained)
+    merge_seconds = time.perf_counter() - start
+
+    def merged_for(task: str, coef: float) -> StateDict:
+        return apply_merge(pretrained, result, coef, task=task if result.per_task is not None else None)
+
+    search_record = None
+    if coefficient is None and grid:
+
+        def evaluate(coef: float) -> dict[str, float]:
+            shared = None if result.per_task is not None else merged_for(names[0], coef)
+            return {
+                t: bank.score(t, shared if shared is not None else merged_for(t, coef), "validation").score
+                for t in names
+            }
+
+        search = search_coefficient(evaluate, grid, {t: individual_val[t].score for t in names})
+        coefficient = search.best_coefficient
+        search_record = search.to_json()
+    elif coefficient is None:
+        coefficient = merger.default_coefficient
+    test: dict[str, dict[str, float]] = {}
+    shared = None if result.per_task is not None else merged_for(names[0], coefficient)
+    for t in names:
+        metrics = bank.score(t, shared if shared is not None else merged_for(t, coefficient), "test")
+        row = metrics.to_dict()
+        row["normalized"] = metrics.score / individual_test[t].score if individual_test[t].score else 0.0
+        test[t] = row
+    absolute = sum(r["score"] for r in test.values()) / len(test)
+    normalized = sum(r["normalized"] for r in test.values()) / len(test)
+    return MergeEvaluation(
+        method, float(coefficient), search_record, test, absolute, normalized, merge_seconds, info=result.info
+    )

@@ -1,0 +1,364 @@
+"""The paper's experiments as one resumable pipeline.
+
+Stages, each cached in the run directory so an interrupted run resumes where it stopped:
+
+1. ``sources/<recipe>/<task>/``: fine-tuned source models (distac model dirs) + their scores;
+2. ``conditioned/<scenario>/<task>/``: DisTaC-conditioned sources;
+3. ``merges/<scenario>/<variant>/<method>.json``: merge + coefficient search + test metrics;
+4. ``results.json``, ``table1.md`` and plots.
+
+Scenarios (Table 1 of the paper): ``original`` (every source from the base recipe),
+``norm_mismatch`` (one source fine-tuned with a 10x learning rate, averaged over the tasks in
+``long_tasks``), ``low_confidence`` (every source trained with label smoothing 0.1); further
+low-confidence causes (mixup, focal loss) are scenarios with another recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distac.atomic import atomic_write_json
+from distac.checkpoints import StateDict
+from distac.data import TaskData, load_task
+from distac.environment import environment_record
+from distac.experiments.config import ExperimentConfig
+from distac.experiments.merge_eval import EvalSettings, TaskModelBank, evaluate_method, individual_scores
+from distac.models import ModelSpec, build_model, load_model, save_model
+from distac.models.base import ClassifierModel
+
+log = logging.getLogger("distac.experiments")
+
+
+class ExperimentRunner:
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        run_dir: str | Path,
+        *,
+        data_root: str | Path | None = None,
+        echo: Callable[[str], None] = print,
+    ) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.data_root = data_root
+        self.echo = echo
+        self._tasks: dict[str, TaskData] = {}
+        self._pretrained: StateDict | None = None
+        self.timings: dict[str, float] = {}
+        torch.manual_seed(config.seed)
+
+    # ------------------------------------------------------------------------------------ data/models
+    def task_data(self, task: str) -> TaskData:
+        if task not in self._tasks:
+            limits = self.config.limits
+            data = load_task(task, self.data_root)
+            self._tasks[task] = data.limit(
+                limits.get("train"), limits.get("validation"), limits.get("test"), seed=self.config.seed
+            )
+        return self._tasks[task]
+
+    def spec_for(self, task: str) -> ModelSpec:
+        data = self.task_data(task)
+        return ModelSpec(
+            self.config.family,
+            self.config.backbone,
+            data.num_classes,
+            task=data.name,
+            class_names=data.class_names,
+            options=dict(self.config.model_options),
+        )
+
+    def pretrained_backbone(self) -> StateDict:
+        """theta_pre over the task-vector parameters (identical for every task)."""
+        if self._pretrained is None:
+            model = build_model(self.spec_for(self.config.tasks[0]), pretrained=True)
+            selector = model.task_vector_selector()
+            self._pretrained = {k: v.detach().clone() for k, v in model.state_dict().items() if selector(k, v)}
+        return self._pretrained
+
+    def task_vector(self, model: ClassifierModel) -> StateDict:
+        pre = self.pretrained_backbone()
+        state = model.state_dict()
+        return {k: state[k].detach().float() - pre[k].float() for k in pre}
+
+    # ------------------------------------------------------------------------------------ sources
+    def recipe_config(self, recipe: str) -> Any:
+        from distac.training.finetune import FinetuneConfig
+        from distac.training.losses import LossConfig
+
+        base = dict(self.config.finetune)
+        spec = dict(self.config.recipes[recipe])
+        multiplier = float(spec.pop("lr_multiplier", 1.0))
+        loss = spec.pop("loss", base.pop("loss", {"kind": "ce"}))
+        values = {**base, **spec}
+        values["lr"] = float(values.get("lr", 1e-5)) * multiplier
+        values.setdefault("seed", self.config.seed)
+        values.setdefault("device", self.config.device)
+        return FinetuneConfig(**values, loss=LossConfig(**loss))
+
+    def source_dir(self, recipe: str, task: str) -> Path:
+        return self.run_dir / "sources" / recipe / task
+
+    def ensure_source(self, recipe: str, task: str) -> Path:
+        from distac.training.finetune import finetune
+
+        out = self.source_dir(recipe, task)
+        if (out / "distac_model.json").is_file():
+            return out
+        config = self.recipe_config(recipe)
+        self.echo(f"fine-tuning {task} [{recipe}] lr={config.lr:g} loss={config.loss.kind} steps={config.steps}")
+        model = build_model(self.spec_for(task), pretrained=True)
+        start = time.perf_counter()
+        result = finetune(model, self.task_data(task), config)
+        record = {
+            "recipe": recipe,
+            "task": task,
+            "seconds": time.perf_counter() - start,
+            "config": _jsonable(config),
+            "result": _jsonable(result),
+        }
+        save_model(model, out, extra={"finetune.json": record})
+        return out
+
+    def load(self, path: Path) -> ClassifierModel:
+        return load_model(path)
+
+    # ------------------------------------------------------------------------------------ conditioning
+    def ensure_conditioned(self, scenario: str, recipe: str, task: str, kappa: float) -> Path:
+        from distac.conditioning.distac import ConditionConfig, condition
+
+        out = self.run_dir / "conditioned" / scenario / f"{recipe}-{task}"
+        if (out / "distac_model.json").is_file():
+            return out
+        values = {**self.config.condition, **self.config.condition_per_scenario.get(scenario, {})}
+        values.setdefault("seed", self.config.seed)
+        values.setdefault("device", self.config.device)
+        config = ConditionConfig(**values)
+        config = replace(config, kappa=kappa)
+        self.echo(
+            f"conditioning {task} [{recipe}, {scenario}] kappa={kappa:.3f} "
+            f"T_t={config.teacher_temperature} T_s={config.student_temperature} steps={config.steps}"
+        )
+        teacher = self.load(self.ensure_source(recipe, task))
+        start = time.perf_counter()
+        result = condition(
+            teacher,
+            self.pretrained_backbone(),
+            self.task_data(task),
+            config,
+            work_dir=self.run_dir / "work" / scenario / f"{recipe}-{task}",
+        )
+        record = {
+            "scenario": scenario,
+            "recipe": recipe,
+            "task": task,
+            "kappa": kappa,
+            "seconds": time.perf_counter() - start,
+            "config": _jsonable(config),
+            "history": _jsonable(result.history),
+        }
+        save_model(result.student, out, extra={"condition.json": record})
+        return out
+
+    # ------------------------------------------------------------------------------------ merging
+    def eval_settings(self) -> EvalSettings:
+        values = {"device": self.config.device, **self.config.evaluation}
+        return EvalSettings(**values)
+
+    def merge_all(
+        self, scenario_key: str, models: dict[str, ClassifierModel], individual_models: dict[str, ClassifierModel]
+    ) -> dict[str, Any]:
+        """Run every method on these sources; normalized accuracy is relative to ``individual_models``."""
+        out_dir = self.run_dir / "merges" / scenario_key
+        tasks = {t: self.task_data(t) for t in models}
+        settings = self.eval_settings()
+        ind_bank = TaskModelBank(individual_models, tasks, settings)
+        ind_val_file, ind_test_file = out_dir / "individual_validation.json", out_dir / "individual_test.json"
+        from distac.evaluation.metrics import TaskMetrics
+
+        if ind_test_file.is_file():
+            ind_val = {t: TaskMetrics(**m) for t, m in json.loads(ind_val_file.read_text()).items()}
+            ind_test = {t: TaskMetrics(**m) for t, m in json.loads(ind_test_file.read_text()).items()}
+        else:
+            ind_val, ind_test = individual_scores(ind_bank, "validation"), individual_scores(ind_bank, "test")
+            atomic_write_json(ind_val_file, {t: m.to_dict() for t, m in ind_val.items()})
+            atomic_write_json(ind_test_file, {t: m.to_dict() for t, m in ind_test.items()})
+        bank = TaskModelBank(models, tasks, settings)
+        vectors = {t: self.task_vector(m) for t, m in models.items()}
+        norms = {t: float(torch.sqrt(sum((v.double() ** 2).sum() for v in tv.values()))) for t, tv in vectors.items()}
+        results: dict[str, Any] = {
+            "individual": {
+                "absolute": _mean(m.score for m in ind_test.values()),
+                "normalized": 1.0,
+                "test": {t: m.to_dict() for t, m in ind_test.items()},
+            },
+            "norms": norms,
+        }
+        pretrained_eval = evaluate_method(
+            "task_arithmetic",
+            self.pretrained_backbone(),
+            vectors,
+            bank,
+            individual_val=ind_val,
+            individual_test=ind_test,
+            grid=None,
+            coefficient=0.0,
+        )
+        results["pretrained"] = pretrained_eval.to_json()
+        for method in self.config.methods:
+            file = out_dir / f"{method}.json"
+            if file.is_file():
+                results[method] = json.loads(file.read_text())
+                continue
+            start = time.perf_counter()
+            evaluation = evaluate_method(
+                method,
+                self.pretrained_backbone(),
+                vectors,
+                bank,
+                individual_val=ind_val,
+                individual_test=ind_test,
+                grid=self.config.coefficient_grid(),
+                hyperparameters=self.config.method_options.get(method),
+            )
+            record = evaluation.to_json()
+            record["seconds_total"] = time.perf_counter() - start
+            atomic_write_json(file, record)
+            results[method] = record
+            self.echo(
+                f"  {scenario_key:<40} {method:<16} abs={record['absolute']:.4f} "
+                f"norm={record['normalized']:.4f} lambda={record['coefficient']:.2f}"
+            )
+        return results
+
+    # ------------------------------------------------------------------------------------ scenarios
+    def kappa_for(self, norms: dict[str, float], task: str) -> float:
+        from distac.conditioning.losses import scaling_coefficient
+
+        names = list(norms)
+        return float(scaling_coefficient([norms[t] for t in names], names.index(task)))
+
+    def run_scenario(self, scenario: str) -> dict[str, Any]:
+        spec = self.config.scenarios[scenario]
+        recipe = spec.get("recipe", "base")
+        tasks = self.config.tasks
+        if scenario == "norm_mismatch" or spec.get("long_recipe"):
+            long_recipe = spec.get("long_recipe", "lr_x10")
+            long_tasks = spec.get("long_tasks") or tasks
+            per_choice = {}
+            for long_task in long_tasks:
+                recipes = {t: (long_recipe if t == long_task else recipe) for t in tasks}
+                per_choice[long_task] = self._run_sources(
+                    scenario, f"{scenario}/long-{long_task}", recipes, condition_tasks=[long_task], kappa_rule="shrink"
+                )
+            return {"choices": per_choice, "average": _average_choices(per_choice)}
+        recipes = {t: recipe for t in tasks}
+        condition_tasks = tasks if spec.get("condition", True) else []
+        return {
+            "average": self._run_sources(
+                scenario, scenario, recipes, condition_tasks=condition_tasks, kappa_rule=spec.get("kappa", "one")
+            )
+        }
+
+    def _run_sources(
+        self, scenario: str, key: str, recipes: dict[str, str], *, condition_tasks: list[str], kappa_rule: str
+    ) -> dict[str, Any]:
+        sources = {t: self.load(self.ensure_source(r, t)) for t, r in recipes.items()}
+        plain = self.merge_all(f"{key}/plain", sources, sources)
+        out: dict[str, Any] = {"plain": plain}
+        if scenario == "original" or not condition_tasks:
+            return out
+        norms = plain["norms"]
+        conditioned = dict(sources)
+        kappas = {}
+        for t in condition_tasks:
+            kappa = self.kappa_for(norms, t) if kappa_rule == "shrink" else 1.0
+            kappas[t] = kappa
+            conditioned[t] = self.load(self.ensure_conditioned(scenario, recipes[t], t, kappa))
+        out["distac"] = self.merge_all(f"{key}/distac", conditioned, sources)
+        out["kappas"] = kappas
+        if "scaling_alone" in self.config.studies and kappa_rule == "shrink":
+            scaled = dict(sources)
+            pre = self.pretrained_backbone()
+            for t, kappa in kappas.items():
+                model = self.load(self.ensure_source(recipes[t], t))
+                state = model.state_dict()
+                model.load_state_dict(
+                    {k: (pre[k].float() + kappa * (state[k].float() - pre[k].float())).to(state[k].dtype) for k in pre},
+                    strict=False,
+                )
+                scaled[t] = model
+            out["scaling_alone"] = self.merge_all(f"{key}/scaled", scaled, sources)
+        return out
+
+    # ------------------------------------------------------------------------------------ all
+    def run(self, scenarios: list[str] | None = None) -> dict[str, Any]:
+        start = time.perf_counter()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.run_dir / "config.json", self.config.to_json())
+        results: dict[str, Any] = {
+            "experiment": self.config.name,
+            "config": self.config.to_json(),
+            "environment": environment_record(),
+            "scenarios": {},
+        }
+        for scenario in scenarios or list(self.config.scenarios):
+            self.echo(f"== scenario {scenario}")
+            results["scenarios"][scenario] = self.run_scenario(scenario)
+            atomic_write_json(self.run_dir / "results.json", results)
+        results["wall_seconds"] = time.perf_counter() - start
+        atomic_write_json(self.run_dir / "results.json", results)
+        return results
+
+
+def _mean(values: Any) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _average_choices(per_choice: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Average absolute/normalized accuracy over the choices of the long source, per variant and method."""
+    out: dict[str, Any] = {}
+    for variant in ("plain", "distac", "scaling_alone"):
+        runs = [c[variant] for c in per_choice.values() if variant in c]
+        if not runs:
+            continue
+        merged: dict[str, Any] = {}
+        for method in runs[0]:
+            if method == "norms":
+                continue
+            merged[method] = {
+                "absolute": _mean(r[method]["absolute"] for r in runs),
+                "normalized": _mean(r[method]["normalized"] for r in runs),
+                "choices": len(runs),
+            }
+        out[variant] = merged
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "to_json"):
+        return value.to_json()
+    if hasattr(value, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return _jsonable(asdict(value))
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float | int | str | bool) or value is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)

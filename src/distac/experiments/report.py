@@ -1,0 +1,178 @@
+"""Tables and plots from a pipeline's ``results.json`` (Table 1 analog, Figure 2 analog)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from distac.atomic import atomic_write_text, atomic_write_with
+
+METHOD_LABELS = {
+    "average": "Weight averaging",
+    "task_arithmetic": "Task arithmetic",
+    "ties": "TIES",
+    "consensus_ta": "Consensus TA",
+    "tall_masks": "TALL masks",
+    "emr": "EMR",
+    "tsvm": "TSVM",
+    "iso_c": "Iso-C",
+    "iso_cts": "Iso-CTS",
+    "wudi": "WUDI",
+}
+SCENARIO_LABELS = {
+    "original": "Original",
+    "norm_mismatch": "Norm mismatch",
+    "low_confidence": "Low confidence",
+    "mixup": "Mixup",
+    "focal": "Focal loss",
+}
+
+
+def _cell(entry: dict[str, Any] | None) -> str:
+    if not entry or "absolute" not in entry:
+        return "-"
+    return f"{100 * entry['absolute']:.1f} ({100 * entry['normalized']:.1f})"
+
+
+def table1_markdown(results: dict[str, Any]) -> str:
+    """Rows: pretrained, individual, each method and method + DisTaC; columns: scenarios.
+    Cells: absolute accuracy (normalized accuracy), in percent, averaged over tasks."""
+    scenarios = list(results["scenarios"])
+    methods = results["config"]["methods"]
+    header = "| method | " + " | ".join(SCENARIO_LABELS.get(s, s) for s in scenarios) + " |"
+    lines = [header, "|---|" + "---|" * len(scenarios)]
+
+    def variant(scenario: str, name: str) -> dict[str, Any]:
+        return results["scenarios"][scenario]["average"].get(name, {})
+
+    for row in ("pretrained", "individual"):
+        label = "Pretrained (λ = 0, task heads)" if row == "pretrained" else "Individual (fine-tuned)"
+        lines.append(f"| {label} | " + " | ".join(_cell(variant(s, "plain").get(row)) for s in scenarios) + " |")
+    for method in methods:
+        label = METHOD_LABELS.get(method, method)
+        lines.append(f"| {label} | " + " | ".join(_cell(variant(s, "plain").get(method)) for s in scenarios) + " |")
+        if any(variant(s, "distac") for s in scenarios):
+            lines.append(
+                f"| {label} + DisTaC | " + " | ".join(_cell(variant(s, "distac").get(method)) for s in scenarios) + " |"
+            )
+        if any(variant(s, "scaling_alone") for s in scenarios):
+            lines.append(
+                f"| {label} + scaling only | "
+                + " | ".join(_cell(variant(s, "scaling_alone").get(method)) for s in scenarios)
+                + " |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def per_task_markdown(run: dict[str, Any], title: str) -> str:
+    """Per-task test scores of one merge run (``plain`` or ``distac`` block)."""
+    tasks = list(run["individual"]["test"])
+    lines = [f"### {title}", "", "| method | " + " | ".join(tasks) + " | avg |", "|---|" + "---|" * (len(tasks) + 1)]
+    for name, entry in run.items():
+        if not isinstance(entry, dict) or "test" not in entry:
+            continue
+        scores = [100 * entry["test"][t]["score"] for t in tasks]
+        lines.append(f"| {name} | " + " | ".join(f"{s:.1f}" for s in scores) + f" | {sum(scores) / len(scores):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``table1.md`` and plots next to ``results.json``; return the markdown path."""
+    run_dir = Path(run_dir)
+    results = json.loads((run_dir / "results.json").read_text())
+    env = results.get("environment", {})
+    parts = [
+        f"# {results['experiment']}: merged accuracy, absolute (normalized), %",
+        "",
+        table1_markdown(results),
+        f"Backbone `{results['config']['backbone']}`, tasks {', '.join(results['config']['tasks'])}; "
+        f"limits {results['config']['limits']}; seed {results['config']['seed']}; "
+        f"wall time {results.get('wall_seconds', float('nan')):.0f} s on {env.get('machine')} "
+        f"({env.get('cpu_count')} CPUs, CUDA: {env.get('cuda')}); torch {env.get('torch')}, "
+        f"transformers {env.get('transformers')}, distac {env.get('distac')}.",
+        "",
+    ]
+    for scenario, block in results["scenarios"].items():
+        if "choices" in block:
+            for choice, run in block["choices"].items():
+                for variant in ("plain", "distac", "scaling_alone"):
+                    if variant in run:
+                        parts.append(per_task_markdown(run[variant], f"{scenario}, long source {choice}, {variant}"))
+        else:
+            for variant in ("plain", "distac"):
+                if variant in block["average"]:
+                    parts.append(per_task_markdown(block["average"][variant], f"{scenario}, {variant}"))
+    path = run_dir / "table1.md"
+    atomic_write_text(path, "\n".join(parts))
+    plot_table1(results, run_dir / "table1.png")
+    plot_condition_histories(run_dir, run_dir / "conditioning_history.png")
+    return path
+
+
+def plot_table1(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scenarios = list(results["scenarios"])
+    methods = results["config"]["methods"]
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(4.5 * len(scenarios), 3.6), squeeze=False)
+    for ax, scenario in zip(axes[0], scenarios, strict=True):
+        avg = results["scenarios"][scenario]["average"]
+        xs = range(len(methods))
+        plain = [100 * avg["plain"].get(m, {}).get("absolute", 0) for m in methods]
+        ax.bar([x - 0.2 for x in xs], plain, width=0.4, label="merge")
+        if "distac" in avg:
+            ax.bar(
+                [x + 0.2 for x in xs],
+                [100 * avg["distac"].get(m, {}).get("absolute", 0) for m in methods],
+                width=0.4,
+                label="+ DisTaC",
+            )
+        ind = 100 * avg["plain"]["individual"]["absolute"]
+        ax.axhline(ind, color="k", linestyle="--", linewidth=1, label="individual")
+        ax.set_xticks(list(xs), [METHOD_LABELS.get(m, m) for m in methods], rotation=45, ha="right", fontsize=8)
+        ax.set_title(SCENARIO_LABELS.get(scenario, scenario))
+        ax.set_ylabel("avg accuracy (%)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def plot_condition_histories(run_dir: Path, path: Path) -> bool:
+    """Figure 2 analog: accuracy, relative task-vector norm and entropy over conditioning steps."""
+    files = sorted((run_dir / "conditioned").glob("*/*/condition.json"))
+    if not files:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for file in files:
+        record = json.loads(file.read_text())
+        history = [h for h in record.get("history", []) if isinstance(h, dict)]
+        label = f"{record['scenario']}:{record['task']}"
+        steps = [h.get("step", i) for i, h in enumerate(history)]
+        for ax, key in zip(axes, ("val_accuracy", "norm_ratio_to_original", "entropy"), strict=True):
+            ys = [h.get(key) for h in history]
+            if any(y is not None for y in ys):
+                ax.plot(
+                    [s for s, y in zip(steps, ys, strict=True) if y is not None],
+                    [y for y in ys if y is not None],
+                    label=label,
+                )
+    for ax, title in zip(
+        axes, ("validation accuracy", "||tau|| / ||tau_original||", "prediction entropy"), strict=True
+    ):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+    return True

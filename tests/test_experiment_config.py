@@ -1,0 +1,34 @@
+"""Bundled experiment configs load, validate and accept overrides."""
+
+from __future__ import annotations
+
+import pytest
+
+from distac.errors import ConfigError
+from distac.experiments.config import available_experiments, load_experiment
+
+
+def test_bundled_configs_load() -> None:
+    names = available_experiments()
+    assert {"demo", "text8", "vision", "clip-vit-b32"} <= set(names)
+    for name in names:
+        config = load_experiment(name)
+        assert config.tasks and config.methods
+        grid = config.coefficient_grid()
+        assert grid[0] == 0.0 and grid[-1] == 1.0
+
+
+def test_default_grid_is_the_papers() -> None:
+    config = load_experiment("demo", ["grid=null"])
+    assert config.coefficient_grid() == [round(i * 0.05, 2) for i in range(21)]
+
+
+def test_overrides_and_errors() -> None:
+    config = load_experiment("demo", ["finetune.steps=7", "tasks=[sst2, trec]"])
+    assert config.finetune["steps"] == 7 and config.tasks == ["sst2", "trec"]
+    with pytest.raises(ConfigError, match="unknown option"):
+        load_experiment("demo", ["no_such_option=1"])
+    with pytest.raises(ConfigError, match="unknown experiment"):
+        load_experiment("does-not-exist")
+    with pytest.raises(ConfigError, match="unknown recipe"):
+        load_experiment("demo", ["scenarios.original.recipe=nonsense"])
