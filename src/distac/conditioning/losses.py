@@ -1,0 +1,58 @@
+"""DisTaC's loss terms and the task-vector scaling rule (REFERENCE.md, METHODS-SPEC section 1)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    student_temperature: float,
+    teacher_temperature: float,
+) -> torch.Tensor:
+    """T_s * T_t * KL(softmax(z_t / T_t) || softmax(z_s / T_s)), batch-mean, teacher detached.
+
+    The stationary point is z_s = (T_s / T_t) z_t: T_s > T_t sharpens the student's predictions at
+    temperature 1, i.e. raises confidence without changing the argmax.
+    """
+    if student_temperature <= 0 or teacher_temperature <= 0:
+        raise ValueError("temperatures must be positive")
+    target = F.softmax(teacher_logits.detach().float() / teacher_temperature, dim=-1)
+    log_q = F.log_softmax(student_logits.float() / student_temperature, dim=-1)
+    kl = F.kl_div(log_q, target, reduction="batchmean")
+    return student_temperature * teacher_temperature * kl
+
+
+def l2_to_init_penalty(
+    params: Iterable[torch.Tensor], init_params: Iterable[torch.Tensor], beta: float
+) -> torch.Tensor:
+    """beta * ||theta - theta_init||^2 summed over all entries (the anchor to the scaled start)."""
+    total = None
+    for p, p0 in zip(params, init_params, strict=True):
+        term = (p.float() - p0.float()).pow(2).sum()
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("no parameters for the L2 penalty")
+    return beta * total
+
+
+def scaling_coefficient(norms: Sequence[float], index: int) -> float:
+    """kappa for source ``index``: the mean norm of the other sources over its own norm, never > 1
+    (shrink, never stretch). With a single source there is nothing to match: 1."""
+    if len(norms) < 2:
+        return 1.0
+    own = float(norms[index])
+    if own <= 0:
+        return 1.0
+    others = [float(n) for i, n in enumerate(norms) if i != index]
+    return min(1.0, sum(others) / len(others) / own)
+
+
+def choose_kappas(norms: Sequence[float]) -> list[float]:
+    """Norm-mismatch rule: only the longest task vector is shrunk to the mean norm of the others."""
+    longest = max(range(len(norms)), key=lambda i: norms[i])
+    return [scaling_coefficient(norms, i) if i == longest else 1.0 for i in range(len(norms))]
