@@ -15,12 +15,19 @@ paper mentions); ``cache_teacher_logits=False`` runs the teacher on-line, for co
 Student batches use eval mode (no dropout, BatchNorm statistics frozen at the teacher's), so the
 student reproduces the teacher's function exactly at kappa = 1 and runs are deterministic.
 An interrupted run resumes from ``work_dir`` and ends with the same weights as a straight run.
+
+Under ``accelerate launch`` (DDP, or FSDP for models that do not fit one GPU) the processes split
+each global batch and the run ends with the same weights as a single-process run
+(:mod:`distac.distributed`).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,16 +36,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from distac.atomic import atomic_path
+from distac.atomic import atomic_path, atomic_write_json
 from distac.checkpoints import StateDict
+from distac.config import check_choice_option, check_device_option, check_option, check_type_option
 from distac.conditioning.losses import distillation_loss
 from distac.data import TaskData
+from distac.distributed import Runtime, runtime
 from distac.errors import CheckpointError
 from distac.models.base import ClassifierModel, move_inputs
-from distac.models.inference import pick_device, predict_logits
+from distac.models.inference import predict_logits
 from distac.training.finetune import progress_bar
 
 STATE_FILE = "condition_state.pt"
+SHARDED_STATE_DIR = "condition_state_fsdp"  # FSDP runs: accelerate's sharded checkpoint
+SHARDED_META_FILE = "distac_state.json"
 
 
 @dataclass
@@ -59,18 +70,28 @@ class ConditionConfig:
     checkpoint_every: int | None = 50
     seed: int = 0
     device: str = "auto"
+    mixed_precision: bool = False  # bf16 autocast, CUDA only
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.kappa <= 10.0:
-            raise ValueError(f"kappa must be in (0, 10], got {self.kappa}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be >= 1")
-        if self.teacher_temperature <= 0 or self.student_temperature <= 0:
-            raise ValueError("temperatures must be > 0")
-        if self.beta < 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
-        if self.schedule not in {"cosine", "reference"}:
-            raise ValueError(f"schedule must be 'cosine' or 'reference', got {self.schedule!r}")
+        # ConfigError (a ValueError) naming the option, e.g. "condition.kappa must be in (0.0, 10.0], got -1"
+        c = "condition"
+        check_option(c, "kappa", self.kappa, low=0.0, high=10.0, low_inclusive=False)
+        check_option(c, "steps", self.steps, low=1, integer=True)
+        check_option(c, "lr", self.lr, low=0.0, high=10.0, low_inclusive=False)
+        check_option(c, "batch_size", self.batch_size, low=1, integer=True)
+        check_option(c, "teacher_temperature", self.teacher_temperature, low=0.0, high=1e3, low_inclusive=False)
+        check_option(c, "student_temperature", self.student_temperature, low=0.0, high=1e3, low_inclusive=False)
+        check_option(c, "beta", self.beta, low=0.0)
+        check_option(c, "grad_clip", self.grad_clip, low=0.0, optional=True)
+        check_choice_option(c, "schedule", self.schedule, ("cosine", "reference"))
+        check_option(c, "num_unlabeled", self.num_unlabeled, low=1, integer=True, optional=True)
+        check_option(c, "log_every", self.log_every, low=1, integer=True)
+        check_option(c, "eval_examples", self.eval_examples, low=1, integer=True)
+        check_option(c, "checkpoint_every", self.checkpoint_every, low=0, integer=True, optional=True)
+        check_option(c, "seed", self.seed, low=0, high=2**63 - 1, integer=True)
+        check_type_option(c, "cache_teacher_logits", self.cache_teacher_logits, bool)
+        check_type_option(c, "mixed_precision", self.mixed_precision, bool)
+        check_device_option(c, "device", self.device)
 
 
 @dataclass
@@ -115,78 +136,119 @@ def condition(
     work_dir: str | Path | None = None,
     progress: bool = True,
 ) -> ConditionResult:
-    """Run DisTaC on one source. Only ``task.unlabeled`` inputs are used for training."""
-    device = pick_device(config.device)
+    """Run DisTaC on one source. Only ``task.unlabeled`` inputs are used for training.
+
+    Under ``accelerate launch`` (DDP or FSDP) every process takes its slice of the same global batch
+    and the result equals a single-process run (see :mod:`distac.distributed`); only the main
+    process writes the resume state in ``work_dir``.
+    """
+    rt = runtime(config.device)
+    device = rt.device
+    autocast = config.mixed_precision and device.type == "cuda"
     torch.manual_seed(config.seed)
-    teacher = teacher.to(device).eval()
+    teacher = teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    student = scaled_student(teacher, pretrained, config.kappa).to(device).eval()
+    if not rt.sharded:
+        teacher = teacher.to(device)
+    student = scaled_student(teacher, pretrained, config.kappa).eval()
     selector = student.task_vector_selector()
-    trainable = {n: p for n, p in student.named_parameters() if selector(n, p)}
+    names = [n for n, p in student.named_parameters() if selector(n, p)]
+    selected = set(names)
     for name, p in student.named_parameters():
-        p.requires_grad_(name in trainable)
-    init = {n: p.detach().clone() for n, p in trainable.items()}
-    original_norm = _norm({n: teacher.get_parameter(n) for n in trainable}, pretrained)
-    scaled_norm = _norm(trainable, pretrained)
+        p.requires_grad_(name in selected)
+    # theta_init, the anchor of the L2 term (kept whole: under FSDP it is also the logging reference)
+    init_full = {n: student.get_parameter(n).detach().clone() for n in names}
+    original_norm = _norm({n: teacher.get_parameter(n) for n in names}, pretrained)
+    scaled_norm = _norm(init_full, pretrained)
 
     unlabeled = task.unlabeled(config.num_unlabeled, seed=config.seed)
     if len(unlabeled) == 0:
         raise ValueError(f"{task.name}: no unlabeled inputs to distill on")
-    teacher_logits = (
-        predict_logits(teacher, unlabeled, batch_size=256, device=device) if config.cache_teacher_logits else None
-    )
     val = task.validation.subsample(config.eval_examples, seed=config.seed + 1)
+    # FSDP shards modules in place: train a student that is then gathered into an unsharded copy.
+    returned = copy.deepcopy(student) if rt.sharded else student
+    if rt.sharded:
+        teacher = rt.prepare_frozen(copy.deepcopy(teacher))
+    teacher_logits = _teacher_logits(rt, teacher, unlabeled, autocast) if config.cache_teacher_logits else None
 
-    optimizer = torch.optim.Adam(list(trainable.values()), lr=config.lr, weight_decay=0.0)
+    optimizer = torch.optim.Adam([student.get_parameter(n) for n in names], lr=config.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     history: list[dict[str, float]] = []
     start_step = 0
     state_file = Path(work_dir) / STATE_FILE if work_dir is not None else None
-    if state_file is not None and state_file.is_file():
-        saved = torch.load(state_file, map_location=device, weights_only=True)
-        student.load_state_dict(saved["student"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        history = [dict(h) for h in saved["history"]]
-        start_step = int(saved["step"])
+    if state_file is not None and not rt.sharded:
+        saved = _load_state(rt, state_file, device)
+        if saved is not None:
+            student.load_state_dict(saved["student"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            history = [dict(h) for h in saved["history"]]
+            start_step = int(saved["step"])
+    model, optimizer = rt.prepare(student, optimizer)
+    if rt.sharded:
+        # the prepared (sharded) parameters and their theta_init shards
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        init = {n: p.detach().clone() for n, p in trainable.items()}
+        rt.accelerator.register_for_checkpointing(scheduler)
+        if state_file is not None:
+            meta = _load_sharded_state(rt, state_file.parent / SHARDED_STATE_DIR)
+            if meta is not None:
+                history = [dict(h) for h in meta["history"]]
+                start_step = int(meta["step"])
+    else:
+        trainable = {n: student.get_parameter(n) for n in names}
+        init = init_full
     started = time.perf_counter()
     if start_step == 0:
-        history.append(_log(0, student, val, task, trainable, pretrained, original_norm, scaled_norm, device, {}))
-    with progress_bar(f"DisTaC {task.name}", config.steps, progress) as bar:
+        history.append(
+            _log(rt, 0, model, student, names, val, init_full, pretrained, original_norm, scaled_norm, device, {})
+        )
+    with progress_bar(f"DisTaC {task.name}", config.steps, progress and rt.is_main) as bar:
         job = bar.add_task("distill", total=config.steps, completed=start_step, status="")
         for step in range(start_step, config.steps):
             index = _batch_indices(len(unlabeled), config.batch_size, step, config.seed)
-            raw = unlabeled[index] if isinstance(unlabeled, np.ndarray) else [unlabeled[i] for i in index]
+            local = rt.local(index)
+            raw = unlabeled[local] if isinstance(unlabeled, np.ndarray) else [unlabeled[i] for i in local]
             inputs = move_inputs(student.encode(raw), device)
-            if teacher_logits is not None:
-                target = teacher_logits[torch.as_tensor(index)].to(device)
-            else:
-                with torch.no_grad():
-                    target = teacher(inputs).float()
-            kl = distillation_loss(student(inputs), target, config.student_temperature, config.teacher_temperature)
-            anchor = sum((p - init[n]).pow(2).sum() for n, p in trainable.items())
-            loss = kl + config.beta * anchor
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                if teacher_logits is not None:
+                    target = teacher_logits[torch.as_tensor(local)].to(device)
+                else:
+                    with torch.no_grad():
+                        target = teacher(inputs).float()
+                kl = distillation_loss(model(inputs), target, config.student_temperature, config.teacher_temperature)
+            weight = rt.loss_weight(len(local), len(index))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            rt.backward(kl * weight if weight != 1.0 else kl)
+            done = step + 1
+            logging = done % config.log_every == 0 or done == config.steps
+            if logging:  # the loss terms at this step's parameters (before the update), global values
+                kl_value = rt.sum(kl.detach().double() * (len(local) / len(index)))
+                l2_value = _squared_distance(rt, trainable, init)
+            # beta * ||theta - theta_init||^2 enters through its gradient, added once after DDP's average
+            if config.beta:
+                _add_anchor_gradient(trainable, init, config.beta)
             if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(list(trainable.values()), config.grad_clip)
+                rt.clip_grad_norm_(model, list(trainable.values()), config.grad_clip)
             optimizer.step()
             scheduler.step()
-            done = step + 1
-            if done % config.log_every == 0 or done == config.steps:
+            if logging:
+                losses = {"loss": kl_value + config.beta * l2_value, "kl": kl_value, "l2": l2_value}
                 history.append(
                     _log(
+                        rt,
                         done,
+                        model,
                         student,
+                        names,
                         val,
-                        task,
-                        trainable,
+                        init_full,
                         pretrained,
                         original_norm,
                         scaled_norm,
                         device,
-                        {"loss": float(loss), "kl": float(kl), "l2": float(anchor)},
+                        losses,
                     )
                 )
             if (
@@ -195,14 +257,62 @@ def condition(
                 and (done % config.checkpoint_every == 0)
                 and (done < config.steps)
             ):
-                _save_state(state_file, student, optimizer, scheduler, history, done)
-            bar.update(job, advance=1, status=f"kl {float(kl):.4f}")
+                if rt.sharded:
+                    _save_sharded_state(rt, state_file.parent / SHARDED_STATE_DIR, history, done)
+                elif rt.is_main:
+                    _save_state(state_file, student, optimizer, scheduler, history, done)
+            bar.update(job, advance=1, status=f"kl {float(kl.detach()):.4f}")
+    if rt.sharded:
+        state = rt.full_state_dict(model)  # collective; complete on the main process
+        if state:
+            returned.load_state_dict(state)
+    student = returned
     for p in student.parameters():
         p.requires_grad_(True)
     student.eval()
-    if state_file is not None and state_file.is_file():
-        state_file.unlink()
+    rt.barrier()
+    if state_file is not None and rt.is_main:
+        if state_file.is_file():
+            state_file.unlink()
+        shutil.rmtree(state_file.parent / SHARDED_STATE_DIR, ignore_errors=True)
     return ConditionResult(student, history, time.perf_counter() - started, asdict(config))
+
+
+def _teacher_logits(rt: Runtime, teacher: ClassifierModel, unlabeled: Any, autocast: bool) -> torch.Tensor:
+    """The teacher's logits on every unlabeled input (float32, CPU, input order), on every process.
+
+    With replicated models each process computes its share and the shares are gathered; a sharded
+    (FSDP) teacher needs every process in each forward, so there each one computes them all.
+    """
+    if not rt.distributed or rt.sharded or len(unlabeled) < rt.num_processes:
+        return predict_logits(teacher, unlabeled, batch_size=256, device=rt.device, autocast=autocast)
+    part = rt.local(np.arange(len(unlabeled)))
+    raw = unlabeled[part] if isinstance(unlabeled, np.ndarray) else [unlabeled[i] for i in part]
+    return rt.gather_concat(predict_logits(teacher, raw, batch_size=256, device=rt.device, autocast=autocast))
+
+
+def _local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of an FSDP2 DTensor, or the tensor itself."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
+@torch.no_grad()
+def _add_anchor_gradient(trainable: dict[str, torch.Tensor], init: dict[str, torch.Tensor], beta: float) -> None:
+    """grad += d/dtheta beta * ||theta - theta_init||^2 = 2 beta (theta - theta_init)."""
+    for name, p in trainable.items():
+        diff = p.detach() - init[name]
+        if p.grad is None:
+            p.grad = diff.mul_(2.0 * beta)
+        else:
+            p.grad.add_(diff, alpha=2.0 * beta)
+
+
+@torch.no_grad()
+def _squared_distance(rt: Runtime, trainable: dict[str, torch.Tensor], init: dict[str, torch.Tensor]) -> float:
+    """||theta - theta_init||^2 over the trainable parameters (summed over shards under FSDP)."""
+    total = sum(float(_local_tensor(p.detach() - init[n]).double().pow(2).sum()) for n, p in trainable.items())
+    return rt.sum(total) if rt.sharded else total
 
 
 def _schedule(config: ConditionConfig):  # noqa: ANN202
@@ -224,31 +334,84 @@ def _batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
 
 @torch.no_grad()
 def _log(
+    rt: Runtime,
     step: int,
+    model: torch.nn.Module,
     student: ClassifierModel,
+    names: list[str],
     val: Any,
-    task: TaskData,
-    trainable: dict[str, torch.Tensor],
+    init: dict[str, torch.Tensor],
     pretrained: StateDict,
     original_norm: float,
     scaled_norm: float,
     device: torch.device,
     losses: dict[str, float],
 ) -> dict[str, float]:
-    logits = predict_logits(student, val.inputs, batch_size=256, device=device)
-    probs = torch.softmax(logits, -1)
-    norm = _norm(trainable, pretrained)
-    entry = {
-        "step": step,
-        **losses,
-        "norm": norm,
-        "norm_ratio_to_scaled": norm / scaled_norm if scaled_norm else 0.0,
-        "norm_ratio_to_original": norm / original_norm if original_norm else 0.0,
-        "entropy": float(-(probs * probs.clamp_min(1e-9).log()).sum(-1).mean()),
-        "val_accuracy": float((logits.argmax(-1) == torch.as_tensor(val.labels)).float().mean()),
-    }
+    """A history entry, computed on the main process and identical on every process.
+
+    Replicated models: the main process evaluates its (unwrapped) student alone. FSDP: gathering the
+    weights and the validation forward are collective, so every process takes part.
+    """
+    entry = None
+    if rt.sharded:
+        state = rt.full_state_dict(model)
+        logits = predict_logits(model, val.inputs, batch_size=256, device=device)
+        params = {n: state[n] for n in names} if rt.is_main else {}
+    elif rt.is_main:
+        params = {n: student.get_parameter(n) for n in names}
+        logits = predict_logits(student, val.inputs, batch_size=256, device=device)
+    if rt.is_main:
+        probs = torch.softmax(logits, -1)
+        norm = _norm(params, pretrained)
+        entry = {
+            "step": step,
+            **losses,
+            "norm": norm,
+            "norm_ratio_to_scaled": norm / scaled_norm if scaled_norm else 0.0,
+            "norm_ratio_to_original": norm / original_norm if original_norm else 0.0,
+            "entropy": float(-(probs * probs.clamp_min(1e-9).log()).sum(-1).mean()),
+            "val_accuracy": float((logits.argmax(-1) == torch.as_tensor(val.labels)).float().mean()),
+        }
+    model.eval()
     student.eval()
-    return entry
+    return rt.broadcast(entry)
+
+
+def _load_state(rt: Runtime, file: Path, device: torch.device) -> dict[str, Any] | None:
+    """The resume state, read by the main process and broadcast to the others (None: start fresh)."""
+    saved = None
+    if rt.is_main and file.is_file():
+        saved = torch.load(file, map_location="cpu" if rt.distributed else device, weights_only=True)
+    return rt.broadcast(saved)
+
+
+def _save_sharded_state(rt: Runtime, directory: Path, history: list[dict[str, float]], step: int) -> None:
+    """FSDP resume state: accelerate's sharded checkpoint (every process writes its shards, so
+    ``work_dir`` must be on a filesystem all processes share), swapped into place atomically."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    if rt.is_main and tmp.exists():
+        shutil.rmtree(tmp)
+    rt.barrier()
+    rt.accelerator.save_state(str(tmp))
+    rt.barrier()
+    if rt.is_main:
+        atomic_write_json(tmp / SHARDED_META_FILE, {"step": step, "history": history})
+        old = directory.with_name(directory.name + ".old")
+        if directory.exists():
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    rt.barrier()
+
+
+def _load_sharded_state(rt: Runtime, directory: Path) -> dict[str, Any] | None:
+    meta = None
+    if rt.is_main and (directory / SHARDED_META_FILE).is_file():
+        meta = json.loads((directory / SHARDED_META_FILE).read_text())
+    meta = rt.broadcast(meta)
+    if meta is not None:
+        rt.accelerator.load_state(str(directory))
+    return meta
 
 
 def _save_state(

@@ -131,7 +131,10 @@ def evaluate_method(
                 for t in names
             }
 
-        search = search_coefficient(evaluate, grid, {t: individual_val[t].score for t in names})
+        reference = {t: individual_val[t].score for t in names}
+        # normalized accuracy is undefined when an individual score is <= 0 (e.g. CoLA MCC of a weak
+        # source): then the search ranks by the mean raw score instead.
+        search = search_coefficient(evaluate, grid, reference if all(v > 0 for v in reference.values()) else None)
         coefficient = search.best_coefficient
         search_record = search.to_json()
     elif coefficient is None:
@@ -141,10 +144,12 @@ def evaluate_method(
     for t in names:
         metrics = bank.score(t, shared if shared is not None else merged_for(t, coefficient), "test")
         row = metrics.to_dict()
-        row["normalized"] = metrics.score / individual_test[t].score if individual_test[t].score else 0.0
+        ref = individual_test[t].score
+        row["normalized"] = metrics.score / ref if ref > 0 else float("nan")
         test[t] = row
     absolute = sum(r["score"] for r in test.values()) / len(test)
-    normalized = sum(r["normalized"] for r in test.values()) / len(test)
+    defined = [r["normalized"] for r in test.values() if r["normalized"] == r["normalized"]]
+    normalized = sum(defined) / len(defined) if defined else float("nan")
     return MergeEvaluation(
         method, float(coefficient), search_record, test, absolute, normalized, merge_seconds, info=result.info
     )

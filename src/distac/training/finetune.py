@@ -9,6 +9,7 @@ backbone and the task head train together.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,11 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
 
+from distac.config import build_dataclass, check_device_option, check_option, check_type_option
 from distac.data import TaskData
+from distac.distributed import Runtime, runtime
 from distac.models.base import ClassifierModel, move_inputs
-from distac.models.inference import pick_device, predict_logits
-from distac.training.losses import LossConfig, build_loss, mixup_loss, mixup_pairs
+from distac.models.inference import predict_logits
+from distac.training.losses import LossConfig, build_loss, cross_entropy, mixup_pairs
 
 
 @dataclass
@@ -42,11 +46,23 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.loss, dict):
-            self.loss = LossConfig(**self.loss)
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be >= 1")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            self.loss = build_dataclass(LossConfig, self.loss, "finetune.loss")
+        # ConfigError (a ValueError) naming the option, e.g. "finetune.lr must be in (0.0, 10.0], got 0"
+        f = "finetune"
+        check_type_option(f, "loss", self.loss, LossConfig)
+        check_option(f, "steps", self.steps, low=1, integer=True)
+        check_option(f, "lr", self.lr, low=0.0, high=10.0, low_inclusive=False)
+        check_option(f, "batch_size", self.batch_size, low=1, integer=True)
+        check_option(f, "weight_decay", self.weight_decay, low=0.0)
+        check_option(f, "warmup_ratio", self.warmup_ratio, low=0.0, high=1.0)
+        check_option(f, "warmup_steps", self.warmup_steps, low=0, integer=True, optional=True)
+        check_option(f, "grad_clip", self.grad_clip, low=0.0, optional=True)
+        check_option(f, "seed", self.seed, low=0, high=2**63 - 1, integer=True)
+        check_option(f, "max_train_examples", self.max_train_examples, low=1, integer=True, optional=True)
+        check_option(f, "eval_every", self.eval_every, low=0, integer=True, optional=True)
+        check_option(f, "eval_examples", self.eval_examples, low=1, integer=True)
+        check_type_option(f, "mixed_precision", self.mixed_precision, bool)
+        check_device_option(f, "device", self.device)
 
 
 @dataclass
@@ -79,24 +95,68 @@ def progress_bar(description: str, total: int, enabled: bool = True) -> Progress
     )
 
 
+class _TrainForward(nn.Module):
+    """The module DDP / FSDP wrap for fine-tuning: the model's forward with mixup inside it.
+
+    Text mixup mixes pooled features, so features and head must run in one forward of the wrapped
+    module. ``own`` / ``partner`` index the encoded examples: example ``own[i]`` is mixed with
+    ``partner[i]`` (with one process, ``own`` is the whole batch and ``partner`` its permutation).
+    """
+
+    def __init__(self, model: ClassifierModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def encode(self, raw: Any) -> dict[str, torch.Tensor]:
+        return self.model.encode(raw)
+
+    def forward(
+        self,
+        inputs: dict[str, torch.Tensor],
+        own: torch.Tensor | None = None,
+        partner: torch.Tensor | None = None,
+        lam: float | None = None,
+    ) -> torch.Tensor:
+        if lam is None:
+            return self.model(inputs)
+        if "pixel_values" in inputs:
+            pixels = inputs["pixel_values"]
+            mixed = {k: v[own] for k, v in inputs.items()}
+            mixed["pixel_values"] = lam * pixels[own] + (1 - lam) * pixels[partner]
+            return self.model(mixed)
+        feats = self.model.features(inputs)  # text: mix pooled features (token ids cannot be interpolated)
+        return self.model.classify(lam * feats[own] + (1 - lam) * feats[partner])
+
+
 def finetune(
     model: ClassifierModel, task: TaskData, config: FinetuneConfig, *, progress: bool = True
 ) -> FinetuneResult:
-    """Train ``model`` in place on ``task.train``; deterministic for a given seed on CPU."""
+    """Train ``model`` in place on ``task.train``; deterministic for a given seed on CPU.
+
+    Under ``accelerate launch`` each process trains on its slice of the same global batch and DDP
+    averages the gradients, so the result matches a single-process run for models without dropout
+    or BatchNorm in train mode (dropout masks are drawn per process, BatchNorm statistics are per
+    process); see :mod:`distac.distributed`.
+    """
     from transformers import get_cosine_schedule_with_warmup
 
-    device = pick_device(config.device)
+    rt = runtime(config.device)
+    device = rt.device
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     train = (
         task.train.subsample(config.max_train_examples, seed=config.seed) if config.max_train_examples else task.train
     )
     model.check_labels(train.labels, task.source or task.name)
-    model.to(device)
-    params = model.trainable_parameters()
+    if not rt.sharded:
+        model.to(device)
+    # FSDP shards modules in place: train a copy and gather the result into ``model`` at the end.
+    net = _TrainForward(copy.deepcopy(model) if rt.sharded else model)
+    params = net.model.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     warmup = config.warmup_steps if config.warmup_steps is not None else int(config.warmup_ratio * config.steps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, config.steps)
+    net, optimizer = rt.prepare(net, optimizer)
     loss_fn = build_loss(config.loss)
     labels_all = torch.as_tensor(train.labels)
     rng = np.random.default_rng(config.seed)
@@ -104,51 +164,69 @@ def finetune(
     losses: list[float] = []
     evaluations: list[dict[str, float]] = []
     autocast = config.mixed_precision and device.type == "cuda"
+    mixup = config.loss.kind == "mixup"
     start = time.perf_counter()
-    with progress_bar(f"fine-tune {task.name}", config.steps, progress) as bar:
+    with progress_bar(f"fine-tune {task.name}", config.steps, progress and rt.is_main) as bar:
         job = bar.add_task("train", total=config.steps, status="")
         for step in range(config.steps):
             if len(order) < config.batch_size:
                 order.extend(rng.permutation(len(train)).tolist())
-            index, order = order[: config.batch_size], order[config.batch_size :]
+            index, order = np.asarray(order[: config.batch_size]), order[config.batch_size :]
+            own = rt.local(np.arange(len(index)))  # this process's positions in the global batch
+            if mixup:
+                perm, lam = mixup_pairs(len(index), generator)  # over the global batch, same on every process
+                partner = perm.numpy()[own]
+                encoded = np.union1d(own, partner)  # the examples this process needs: its own and their partners
+                own_at = torch.as_tensor(np.searchsorted(encoded, own), device=device)
+                partner_at = torch.as_tensor(np.searchsorted(encoded, partner), device=device)
+            else:
+                encoded = own
             raw = (
-                train.inputs[np.asarray(index)]
+                train.inputs[index[encoded]]
                 if isinstance(train.inputs, np.ndarray)
-                else [train.inputs[i] for i in index]
+                else [train.inputs[i] for i in index[encoded]]
             )
             inputs = move_inputs(model.encode(raw), device)
-            labels = labels_all[index].to(device)
-            model.train()
+            labels = labels_all[torch.as_tensor(index[own])].to(device)
+            net.train()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                if config.loss.kind == "mixup":
-                    perm, lam = mixup_pairs(len(index), generator)
-                    perm = perm.to(device)
-                    if "pixel_values" in inputs:
-                        pixels = inputs["pixel_values"]
-                        inputs = {**inputs, "pixel_values": lam * pixels + (1 - lam) * pixels[perm]}
-                        logits = model(inputs)
-                    else:  # text: mix pooled features (token ids cannot be interpolated)
-                        feats = model.features(inputs)
-                        logits = model.classify(lam * feats + (1 - lam) * feats[perm])
-                    loss = mixup_loss(logits.float(), labels, perm, lam)
+                if mixup:
+                    logits = net(inputs, own=own_at, partner=partner_at, lam=lam).float()
+                    partner_labels = labels_all[torch.as_tensor(index[partner])].to(device)
+                    loss = lam * cross_entropy(logits, labels) + (1 - lam) * cross_entropy(logits, partner_labels)
                 else:
-                    loss = loss_fn(model(inputs).float(), labels)
+                    loss = loss_fn(net(inputs).float(), labels)
+            weight = rt.loss_weight(len(own), len(index))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            rt.backward(loss * weight if weight != 1.0 else loss)
             if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                rt.clip_grad_norm_(net, params, config.grad_clip)
             optimizer.step()
             scheduler.step()
-            losses.append(float(loss))
+            losses.append(rt.sum(loss.detach().double() * (len(own) / len(index))))
             if config.eval_every and (step + 1) % config.eval_every == 0:
-                evaluations.append({"step": step + 1, **_validation_accuracy(model, task, config, device)})
+                evaluations.append({"step": step + 1, **_validation_accuracy(rt, net, task, config, device)})
             bar.update(job, advance=1, status=f"loss {losses[-1]:.3f}")
+    if rt.sharded:
+        state = rt.full_state_dict(net)  # collective; complete on the main process
+        if state:
+            model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+    rt.barrier()
     model.eval()
     return FinetuneResult(losses, evaluations, time.perf_counter() - start, config.steps)
 
 
-def _validation_accuracy(model: ClassifierModel, task: TaskData, config: FinetuneConfig, device: torch.device) -> dict:
+def _validation_accuracy(
+    rt: Runtime, net: nn.Module, task: TaskData, config: FinetuneConfig, device: torch.device
+) -> dict:
+    """Validation accuracy on the main process, the same dict on every process. Under FSDP the
+    forward is collective, so every process runs it; otherwise only the main process does."""
     data = task.validation.subsample(config.eval_examples, seed=1)
-    logits = predict_logits(model, data.inputs, batch_size=128, device=device)
-    model.train()
-    return {"val_accuracy": float((logits.argmax(-1) == torch.as_tensor(data.labels)).float().mean())}
+    result = None
+    if rt.sharded or rt.is_main:
+        evaluated = net if rt.sharded else rt.unwrap(net).model
+        logits = predict_logits(evaluated, data.inputs, batch_size=128, device=device)
+        if rt.is_main:
+            result = {"val_accuracy": float((logits.argmax(-1) == torch.as_tensor(data.labels)).float().mean())}
+    net.train()
+    return rt.broadcast(result)

@@ -1,0 +1,90 @@
+"""``distac condition``: DisTaC on one source (rescale + distill with unlabeled data)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from distac.commands.common import CONFIG_OPTION, DATA_ROOT_OPTION, DEVICE_OPTION, SET_OPTION, console
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("condition")
+    def condition_command(
+        source: Path = typer.Argument(..., help="The source to condition (distac model directory)."),
+        output: Path = typer.Option(..., "--output", "-o", help="Conditioned model directory (atomic)."),
+        kappa: str = typer.Option(
+            "1", "--kappa", help="Task-vector scale for the student start; 'auto' = mean norm of --others / own."
+        ),
+        others: list[Path] = typer.Option([], "--others", help="The other sources (for --kappa auto)."),
+        steps: int | None = typer.Option(None, help="Distillation steps (paper: 500)."),
+        lr: float | None = typer.Option(None, help="Learning rate (paper: 1e-5)."),
+        batch_size: int | None = typer.Option(None, help="Batch size (paper: 128)."),
+        teacher_temperature: float | None = typer.Option(None, help="Teacher temperature T_t."),
+        student_temperature: float | None = typer.Option(
+            None, help="Student temperature T_s (> T_t raises confidence)."
+        ),
+        beta: float | None = typer.Option(None, help="L2 anchor weight beta (paper: 0.5)."),
+        unlabeled: int | None = typer.Option(None, help="Number of unlabeled training inputs to use."),
+        work_dir: Path | None = typer.Option(None, help="Checkpoint directory for resume (default <output>.work)."),
+        task_name: str | None = typer.Option(
+            None, "--task", "-t", help="Task (name or dataset path) to distill on (default: the source's task)."
+        ),
+        device: str = DEVICE_OPTION,
+        config: Path | None = CONFIG_OPTION,
+        overrides: list[str] = SET_OPTION,
+        data_root: Path | None = DATA_ROOT_OPTION,
+    ) -> None:
+        """Shrink the task vector (kappa) and distill the original model into it; resumable.
+
+        Runs on several GPUs (or CPU processes) under `accelerate launch -m distac.cli condition ...`;
+        only the main process writes the output."""
+        from distac.conditioning.distac import ConditionConfig, condition
+        from distac.conditioning.losses import scaling_coefficient
+        from distac.config import build_dataclass, load_config
+        from distac.data import load_task
+        from distac.distributed import is_main_process
+        from distac.models import build_model, load_model, save_model
+        from distac.task_vectors import TaskVector
+
+        teacher = load_model(source)
+        selector = teacher.task_vector_selector()
+        pretrained = {k: v for k, v in build_model(teacher.spec).state_dict().items() if selector(k, v)}
+        if kappa == "auto":
+            if not others:
+                raise typer.BadParameter("--kappa auto needs --others")
+            norms = [
+                TaskVector.from_state_dicts(pretrained, load_model(p).state_dict(), selector).norm()
+                for p in [source, *others]
+            ]
+            kappa_value = scaling_coefficient(norms, 0)
+        else:
+            try:
+                kappa_value = float(kappa)
+            except ValueError:
+                raise typer.BadParameter(f"--kappa must be a number or 'auto', got {kappa!r}") from None
+        values = load_config(config, overrides)
+        flags = {
+            "steps": steps,
+            "lr": lr,
+            "batch_size": batch_size,
+            "teacher_temperature": teacher_temperature,
+            "student_temperature": student_temperature,
+            "beta": beta,
+            "num_unlabeled": unlabeled,
+        }
+        values.update({k: v for k, v in flags.items() if v is not None})
+        values.update({"kappa": kappa_value, "device": device})
+        cfg = build_dataclass(ConditionConfig, values, "condition")
+        task = load_task(task_name or teacher.spec.task or source.name, data_root)
+        result = condition(teacher, pretrained, task, cfg, work_dir=work_dir or output.with_name(output.name + ".work"))
+        if not is_main_process():
+            return
+        save_model(result.student, output, extra={"condition.json": result.to_json()})
+        last = result.history[-1]
+        console.print(
+            f"conditioned {source} -> {output}: kappa={kappa_value:.3f}, "
+            f"||tau||/||tau_0||={last['norm_ratio_to_original']:.3f}, val acc {last['val_accuracy']:.3f}, "
+            f"entropy {last['entropy']:.3f}"
+        )

@@ -1,0 +1,76 @@
+"""``distac evaluate`` and ``distac calibrate``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from distac.commands.common import DATA_ROOT_OPTION, DEVICE_OPTION, console, print_table
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("evaluate")
+    def evaluate_command(
+        models: list[Path] = typer.Argument(..., help="distac model directories (merged or individual)."),
+        split: str = typer.Option("test", help="train, validation or test."),
+        examples: int | None = typer.Option(None, help="Evaluate at most this many examples per task."),
+        individual: list[Path] = typer.Option(
+            [], "--individual", help="Individual fine-tuned models, same order, for normalized accuracy."
+        ),
+        output: Path | None = typer.Option(
+            None, "--output", "-o", help="Write evaluation.json/.md and reliability plots."
+        ),
+        device: str = DEVICE_OPTION,
+        data_root: Path | None = DATA_ROOT_OPTION,
+    ) -> None:
+        """Accuracy (MCC for CoLA), normalized accuracy, entropy and ECE per task and averaged."""
+        from distac.evaluation.evaluate import evaluate_paths
+
+        table = evaluate_paths(
+            models,
+            individual or None,
+            split=split,
+            examples=examples,
+            device=device,
+            data_root=data_root,
+            output=output,
+        )
+        rows = [
+            [r["model"], r["task"], r["score"], r.get("normalized", "-"), r["entropy"], r["ece"], r["n"]]
+            for r in table["rows"]
+        ]
+        rows.append(
+            [
+                "average",
+                "",
+                table["average"]["score"],
+                table["average"].get("normalized", "-"),
+                table["average"]["entropy"],
+                table["average"]["ece"],
+                "",
+            ]
+        )
+        print_table(f"evaluation ({split})", ["model", "task", "score", "normalized", "entropy", "ECE", "n"], rows)
+
+    @app.command("calibrate")
+    def calibrate_command(
+        model: Path = typer.Argument(..., help="distac model directory (e.g. a merged model for one task)."),
+        examples: int | None = typer.Option(None, help="Use at most this many validation / test examples."),
+        device: str = DEVICE_OPTION,
+        data_root: Path | None = DATA_ROOT_OPTION,
+    ) -> None:
+        """Temperature scaling on validation data; reports ECE before/after and stores the temperature."""
+        from distac.evaluation.evaluate import calibrate_path
+
+        report = calibrate_path(model, examples=examples, device=device, data_root=data_root)
+        before, after = report["before"], report["after"]
+        print_table(
+            f"temperature scaling: T = {report['temperature']:.3f}",
+            ["", "accuracy", "ECE", "NLL", "entropy"],
+            [
+                ["before", before["accuracy"], before["ece"], before["nll"], before["entropy"]],
+                ["after", after["accuracy"], after["ece"], after["nll"], after["entropy"]],
+            ],
+        )
+        console.print(f"temperature saved to {model}/calibration.json")

@@ -1,0 +1,79 @@
+"""``distac finetune``: fine-tune a source model on a real task (and create harmful sources on purpose)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from distac.commands.common import CONFIG_OPTION, DATA_ROOT_OPTION, DEVICE_OPTION, SET_OPTION, console
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("finetune")
+    def finetune_command(
+        task: str = typer.Option(..., "--task", "-t", help="Task name (e.g. sst2, mnist) or dataset path."),
+        output: Path = typer.Option(..., "--output", "-o", help="Output distac model directory."),
+        family: str = typer.Option("hf-text", "--family", help="Model family: hf-text, clip or timm."),
+        backbone: str = typer.Option(
+            "all-MiniLM-L6-v2", "--backbone", help="Backbone: HF dir/name, CLIP dir, timm name or efficientnet-lite0."
+        ),
+        steps: int | None = typer.Option(None, help="Optimizer steps (default 200)."),
+        lr: float | None = typer.Option(None, help="Peak learning rate (a 10x value makes a long task vector)."),
+        batch_size: int | None = typer.Option(None, help="Batch size."),
+        loss: str | None = typer.Option(
+            None, help="ce, label_smoothing, mixup or focal (the latter three lower confidence)."
+        ),
+        alpha: float | None = typer.Option(None, help="Label-smoothing alpha (paper: 0.1)."),
+        gamma: float | None = typer.Option(None, help="Focal-loss gamma."),
+        max_length: int = typer.Option(128, help="Max tokens per text example."),
+        image_size: int | None = typer.Option(None, help="Resize images to this size (default: the backbone's)."),
+        train_examples: int | None = typer.Option(None, help="Use at most this many training examples."),
+        seed: int | None = typer.Option(None, help="Random seed."),
+        device: str = DEVICE_OPTION,
+        config: Path | None = CONFIG_OPTION,
+        overrides: list[str] = SET_OPTION,
+        data_root: Path | None = DATA_ROOT_OPTION,
+    ) -> None:
+        """Fine-tune backbone + task head (CLIP: image encoder only) with AdamW and a cosine schedule.
+
+        Runs on several GPUs (or CPU processes) under `accelerate launch -m distac.cli finetune ...`;
+        only the main process writes the output."""
+        from distac.config import build_dataclass, load_config
+        from distac.data import load_task
+        from distac.distributed import is_main_process
+        from distac.models import ModelSpec, build_model, save_model
+        from distac.training.finetune import FinetuneConfig, finetune
+        from distac.training.losses import LossConfig
+
+        values = load_config(config, overrides)
+        loss_values = dict(values.pop("loss", {}) or {})
+        for key, value in {"kind": loss, "alpha": alpha, "gamma": gamma}.items():
+            if value is not None:
+                loss_values[key] = value
+        for key, value in {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed}.items():
+            if value is not None:
+                values[key] = value
+        values["device"] = device
+        cfg = build_dataclass(FinetuneConfig, {**values, "loss": build_dataclass(LossConfig, loss_values, "loss")})
+        data = load_task(task, data_root)
+        if train_examples:
+            data = data.limit(train=train_examples, seed=cfg.seed)
+        options = {"max_length": max_length} if family == "hf-text" else {}
+        if image_size:
+            options["image_size"] = image_size
+        spec = ModelSpec(
+            family, backbone, data.num_classes, task=data.name, class_names=data.class_names, options=options
+        )
+        model = build_model(spec)
+        result = finetune(model, data, cfg)
+        if not is_main_process():
+            return
+        save_model(model, output, extra={"finetune.json": {"config": _asdict(cfg), "result": result.to_json()}})
+        console.print(f"saved {output} (final loss {result.losses[-1]:.4f}, {result.seconds:.0f} s)")
+
+
+def _asdict(cfg: object) -> dict:
+    from dataclasses import asdict
+
+    return asdict(cfg)  # type: ignore[arg-type]

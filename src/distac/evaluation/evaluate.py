@@ -1,0 +1,93 @@
+"""Evaluate distac models on their tasks, with normalized accuracy, ECE and reliability diagrams."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distac.atomic import atomic_write_json, atomic_write_text
+from distac.data import TaskData, load_task
+from distac.evaluation.calibration import calibration_report
+from distac.evaluation.metrics import TaskMetrics, compute_metrics, reliability_bins
+from distac.models import load_model
+from distac.models.base import ClassifierModel
+from distac.models.inference import predict_logits
+
+
+def model_logits(
+    model: ClassifierModel, task: TaskData, split: str, examples: int | None, device: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    model.check_task(task)
+    data = task.split(split).subsample(examples, seed=17) if examples else task.split(split)
+    model.check_labels(data.labels, f"{task.source or task.name} ({split})")
+    return predict_logits(model, data.inputs, device=device), torch.as_tensor(data.labels)
+
+
+def evaluate_model(
+    model: ClassifierModel, task: TaskData, split: str = "test", examples: int | None = None, device: str = "auto"
+) -> TaskMetrics:
+    logits, labels = model_logits(model, task, split, examples, device)
+    return compute_metrics(logits, labels, task.metric)
+
+
+def evaluate_paths(
+    models: Sequence[Path],
+    individual: Sequence[Path] | None,
+    *,
+    split: str,
+    examples: int | None,
+    device: str,
+    data_root: Path | None,
+    output: Path | None,
+) -> dict[str, Any]:
+    if individual is not None and len(individual) != len(models):
+        raise ValueError("--individual must list one model per evaluated model")
+    rows = []
+    for i, path in enumerate(models):
+        model = load_model(path)
+        task = load_task(model.spec.task or path.name, data_root)
+        logits, labels = model_logits(model, task, split, examples, device)
+        metrics = compute_metrics(logits, labels, task.metric)
+        row: dict[str, Any] = {
+            "model": str(path),
+            "task": task.name,
+            **metrics.to_dict(),
+            "reliability": reliability_bins(logits, labels),
+        }
+        if individual is not None:
+            ref = evaluate_model(load_model(individual[i]), task, split, examples, device)
+            row["individual"] = ref.score
+            row["normalized"] = metrics.score / ref.score if ref.score else 0.0
+        rows.append(row)
+        if output is not None:
+            from distac.evaluation.plots import reliability_diagram
+
+            reliability_diagram(
+                row["reliability"], output / f"reliability_{i}_{task.name}.png", title=f"{path.name} on {task.name}"
+            )
+    keys = ["score", "accuracy", "entropy", "ece"] + (["normalized"] if individual is not None else [])
+    average = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
+    table = {"split": split, "rows": rows, "average": average}
+    if output is not None:
+        atomic_write_json(output / "evaluation.json", table)
+        lines = ["| model | task | score | normalized | entropy | ECE |", "|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(
+                f"| {r['model']} | {r['task']} | {r['score']:.4f} | {r.get('normalized', float('nan')):.4f} | "
+                f"{r['entropy']:.4f} | {r['ece']:.4f} |"
+            )
+        atomic_write_text(output / "evaluation.md", "\n".join(lines) + "\n")
+    return table
+
+
+def calibrate_path(path: Path, *, examples: int | None, device: str, data_root: Path | None) -> dict[str, Any]:
+    model = load_model(path)
+    task = load_task(model.spec.task or path.name, data_root)
+    val_logits, val_labels = model_logits(model, task, "validation", examples, device)
+    test_logits, test_labels = model_logits(model, task, "test", examples, device)
+    report = calibration_report(val_logits, val_labels, test_logits, test_labels, task.metric)
+    atomic_write_json(path / "calibration.json", report)
+    return report
