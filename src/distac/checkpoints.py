@@ -22,10 +22,10 @@ import pickle
 import shutil
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from distac.atomic import atomic_directory, atomic_path, atomic_write_json
@@ -83,15 +83,13 @@ class CheckpointReader:
             raise CheckpointError(f"{self.path}: no tensor named {key!r}")
         if self.kind == "torch":
             if self._loaded is None:
-                self._loaded = {}
-                for file in sorted(set(self.files.values())):
-                    self._loaded.update(_load_torch_file(file))
+                self._loaded = _load_torch_files(self.files)
             return self._loaded[key].to(device)
         file = self.files[key]
         try:
             with safe_open(str(file), framework="pt", device=str(device)) as handle:
                 return handle.get_tensor(key)
-        except (SafetensorError, OSError, RuntimeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure to decode an untrusted file is a bad input
             raise CheckpointError(f"{file}: cannot read tensor {key!r}: {exc}") from exc
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -128,8 +126,39 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+#: Bytes per element of the safetensors dtypes whose size is a whole number of bytes.
+_SAFETENSORS_ITEMSIZE = {
+    "F64": 8,
+    "I64": 8,
+    "U64": 8,
+    "F32": 4,
+    "I32": 4,
+    "U32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I16": 2,
+    "U16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E8M0": 1,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
+_MAX_HEADER_BYTES = 100_000_000  # the limit of the safetensors library itself
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _read_safetensors_header(file: Path) -> dict:
-    """Parse and validate a safetensors header, so truncation/corruption is reported before use."""
+    """Parse and validate a safetensors header, so truncation/corruption is reported before use.
+
+    Every entry must have a known dtype, a shape of non-negative integers and in-range data offsets
+    whose length matches shape x dtype; the safetensors library then re-checks the whole layout
+    (no overlaps or gaps). Any problem is a :class:`CheckpointError` naming the file.
+    """
     try:
         size = file.stat().st_size
         with open(file, "rb") as handle:
@@ -137,29 +166,53 @@ def _read_safetensors_header(file: Path) -> dict:
             if len(raw_len) != 8:
                 raise CheckpointError(f"{file}: not a safetensors file (shorter than its 8-byte header length)")
             header_len = int.from_bytes(raw_len, "little")
-            if header_len <= 0 or header_len > min(size - 8, 100_000_000):
+            if header_len <= 0 or header_len > min(size - 8, _MAX_HEADER_BYTES):
                 raise CheckpointError(f"{file}: corrupt safetensors header length {header_len} (file is {size} bytes)")
             header = json.loads(handle.read(header_len))
     except CheckpointError:
         raise
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{file}: corrupt safetensors header: {exc}") from exc
     if not isinstance(header, dict):
         raise CheckpointError(f"{file}: corrupt safetensors header (not a JSON object)")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{file}: corrupt safetensors header: __metadata__ must map strings to strings")
     data_len = size - 8 - header_len
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        try:
-            start, end = info["data_offsets"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{file}: corrupt entry for tensor {key!r} in header") from exc
-        if end > data_len or start > end:
-            raise CheckpointError(
-                f"{file}: truncated or corrupt: tensor {key!r} needs bytes {start}..{end} but the data section "
-                f"has {data_len} bytes"
-            )
+        _check_header_entry(file, key, info, data_len)
+    try:  # the library's own checks: offsets cover the data section exactly, no overlaps
+        with safe_open(str(file), framework="pt", device="cpu"):
+            pass
+    except Exception as exc:  # noqa: BLE001 - any failure to decode an untrusted file is a bad input
+        raise CheckpointError(f"{file}: corrupt safetensors file: {exc}") from exc
     return header
+
+
+def _check_header_entry(file: Path, key: str, info: object, data_len: int) -> None:
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{file}: corrupt entry for tensor {key!r} in header (not a JSON object)")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise CheckpointError(f"{file}: corrupt entry for tensor {key!r} in header: dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise CheckpointError(f"{file}: corrupt entry for tensor {key!r} in header: shape {shape!r}")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        raise CheckpointError(f"{file}: corrupt entry for tensor {key!r} in header: data_offsets {offsets!r}")
+    start, end = offsets
+    if end > data_len or start > end:
+        raise CheckpointError(
+            f"{file}: truncated or corrupt: tensor {key!r} needs bytes {start}..{end} but the data section "
+            f"has {data_len} bytes"
+        )
+    itemsize = _SAFETENSORS_ITEMSIZE.get(dtype)
+    if itemsize is not None and math.prod(shape) * itemsize != end - start:
+        raise CheckpointError(
+            f"{file}: corrupt entry for tensor {key!r}: shape {shape} of {dtype} needs "
+            f"{math.prod(shape) * itemsize} bytes but its data_offsets span {end - start}"
+        )
 
 
 def _load_torch_file(file: Path) -> StateDict:
@@ -167,12 +220,26 @@ def _load_torch_file(file: Path) -> StateDict:
         obj = torch.load(str(file), map_location="cpu", weights_only=True, mmap=False)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
-            f"{file}: refused to unpickle: the file contains Python objects other than tensors "
-            f"(distac only loads torch files with weights_only=True). Details: {str(exc).splitlines()[0]}"
+            f"{file}: refused to unpickle: not a plain tensor state dict (it contains Python objects other than "
+            f"tensors, or is corrupt); distac only loads torch files with weights_only=True. "
+            f"Details: {(str(exc).splitlines() or [''])[0]}"
         ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{file}: not a readable torch checkpoint: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - any failure to decode an untrusted file is a bad input
+        raise CheckpointError(f"{file}: not a readable torch checkpoint: {type(exc).__name__}: {exc}") from exc
     return _as_state_dict(obj, file)
+
+
+def _load_torch_files(files: Mapping[str, Path]) -> StateDict:
+    """Load the torch files of a (possibly sharded) checkpoint; every key the index lists must be there."""
+    loaded: StateDict = {}
+    for file in sorted(set(files.values())):
+        state = _load_torch_file(file)
+        expected = [k for k, f in files.items() if f == file]
+        absent = [k for k in expected if k not in state]
+        if absent:
+            raise CheckpointError(f"{file}: the shard index lists tensors this file does not contain: {absent[:5]}")
+        loaded.update({k: state[k] for k in expected})
+    return loaded
 
 
 def _as_state_dict(obj: object, file: Path) -> StateDict:
@@ -187,17 +254,49 @@ def _as_state_dict(obj: object, file: Path) -> StateDict:
             raise CheckpointError(f"{file}: not a state dict: entries {bad[:5]} are not tensors")
         if not obj:
             raise CheckpointError(f"{file}: the state dict is empty")
+        unusable = [k for k, v in obj.items() if v.layout != torch.strided or v.is_meta or v.is_quantized]
+        if unusable:
+            raise CheckpointError(
+                f"{file}: tensors {unusable[:5]} are sparse, quantized or have no data (meta); "
+                "distac reads dense tensors only"
+            )
+        keys = [str(k) for k in obj]
+        if len(set(keys)) != len(keys):
+            raise CheckpointError(f"{file}: not a state dict: keys collide when converted to strings")
         return {str(k): v for k, v in obj.items()}
     raise CheckpointError(f"{file}: not a state dict (found {type(obj).__name__})")
 
 
+def _check_shard_name(index_file: Path, key: object, name: object) -> str:
+    """A shard must be a file next to the index: no absolute paths, no ``..``, nothing odd."""
+    if not isinstance(key, str) or not isinstance(name, str) or not name:
+        raise CheckpointError(f"{index_file}: corrupt shard index: entry {key!r} -> {name!r} is not a file name")
+    pure = PurePosixPath(name.replace("\\", "/"))
+    if (
+        pure.is_absolute()
+        or PureWindowsPath(name).drive
+        or ".." in pure.parts
+        or "\x00" in name
+        or pure.name in {"", "."}
+    ):
+        raise CheckpointError(
+            f"{index_file}: refused shard path {name!r} for tensor {key!r}: shards must be files inside the "
+            "checkpoint directory (no absolute paths or '..')"
+        )
+    return name
+
+
 def _index_files(index_file: Path) -> dict[str, Path]:
     try:
-        index = json.loads(index_file.read_text())
-        weight_map = index["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"{index_file}: corrupt shard index: {exc}") from exc
-    files = {str(k): index_file.parent / str(v) for k, v in weight_map.items()}
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_file}: corrupt shard index: expected a JSON object with a 'weight_map' object")
+    if not weight_map:
+        raise CheckpointError(f"{index_file}: the shard index lists no tensors")
+    files = {k: index_file.parent / _check_shard_name(index_file, k, v) for k, v in weight_map.items()}
     missing = sorted({str(f) for f in files.values() if not f.is_file()})
     if missing:
         raise CheckpointError(f"{index_file}: shard files listed in the index are missing: {missing}")
@@ -219,6 +318,11 @@ def resolve_weights(path: str | os.PathLike[str]) -> tuple[str, list[Path], Path
         for name in TORCH_NAMES:
             if (path / name).is_file():
                 return "torch", [path / name], None
+        if (path / "adapter_config.json").is_file():
+            raise CheckpointError(
+                f"{path}: a PEFT adapter, not a full checkpoint: it needs its base model (distac merge accepts it "
+                "as a source with --pretrained BASE; in Python use distac.peft_sources.load_source(path, base))"
+            )
         singles = sorted(path.glob("*.safetensors"))
         if len(singles) == 1:
             return "safetensors", singles, None
@@ -239,8 +343,19 @@ def resolve_weights(path: str | os.PathLike[str]) -> tuple[str, list[Path], Path
 def open_checkpoint(path: str | os.PathLike[str]) -> CheckpointReader:
     """Open a checkpoint lazily. Headers are validated now; tensors are read on demand."""
     kind, files, index = resolve_weights(path)
+    loaded: StateDict | None = None
     if index is not None:
         key_files = _index_files(index)
+        if kind == "safetensors":
+            for file in sorted(set(key_files.values())):
+                header = _read_safetensors_header(file)
+                absent = [k for k, f in key_files.items() if f == file and k not in header]
+                if absent:
+                    raise CheckpointError(
+                        f"{file}: the shard index {index.name} lists tensors this file does not contain: {absent[:5]}"
+                    )
+        elif key_files:
+            loaded = _load_torch_files(key_files)
     else:
         key_files = {}
         for file in files:
@@ -248,13 +363,37 @@ def open_checkpoint(path: str | os.PathLike[str]) -> CheckpointReader:
                 header = _read_safetensors_header(file)
                 key_files.update({k: file for k in header if k != "__metadata__"})
             else:
-                key_files.update({k: file for k in _load_torch_file(file)})
-    if kind == "safetensors":
-        for file in sorted(set(key_files.values())):
-            _read_safetensors_header(file)
+                loaded = _load_torch_file(file)
+                key_files.update({k: file for k in loaded})
     if not key_files:
         raise CheckpointError(f"{path}: the checkpoint contains no tensors")
-    return CheckpointReader(path=Path(path), files=key_files, kind=kind)
+    return CheckpointReader(path=Path(path), files=key_files, kind=kind, _loaded=loaded)
+
+
+def validate_checkpoint(path: str | os.PathLike[str]) -> None:
+    """Cheap checks before any work: the path exists in a known format and, for safetensors, every
+    header and the shard index are valid. A torch pickle is fully checked only when it is loaded
+    (loading it is the only way to check it), so here it must merely exist."""
+    kind, files, index = resolve_weights(path)
+    if kind == "safetensors":
+        open_checkpoint(path)
+    elif index is not None:
+        _index_files(index)
+
+
+def check_output_path(output: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None]) -> None:
+    """Refuse an output that would replace an input: writing a directory atomically swaps the whole
+    target, so an output equal to an input, or containing one, would delete that input."""
+    target = Path(output).resolve()
+    for item in inputs:
+        if item is None:
+            continue
+        source = Path(item).resolve()
+        if source == target or target in source.parents:
+            raise CheckpointError(
+                f"{output}: refusing to write the output over the input {item} "
+                f"({'the same path' if source == target else 'it lies inside the output'}); choose another output"
+            )
 
 
 def load_state_dict(
@@ -270,8 +409,14 @@ def load_state_dict(
 
 def check_state_finite(state: Mapping[str, torch.Tensor], source: object) -> None:
     for key, tensor in state.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
+        if not (tensor.is_floating_point() or tensor.is_complex()):
+            continue
+        try:
+            finite = torch.isfinite(tensor)
+        except RuntimeError:  # e.g. float8 dtypes have no isfinite kernel
+            finite = torch.isfinite(tensor.float())
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
             raise CheckpointError(f"{source}: tensor {key!r} contains {bad} NaN/Inf values")
 
 

@@ -92,6 +92,12 @@ class TaskVector:
         if not keys:
             raise CheckpointError(f"{pretrained_source}: no parameters selected for the task vector")
         check_compatible(pretrained, finetuned, keys, pretrained_source, finetuned_source)
+        extra = [k for k in selector.select(finetuned) if k not in pretrained]
+        if extra:
+            raise CheckpointError(
+                f"{finetuned_source}: has {len(extra)} parameters that {pretrained_source} lacks, e.g. {extra[:5]} "
+                "(different architecture? exclude them with a ParameterSelector / --exclude if they are task heads)"
+            )
         deltas = {k: finetuned[k].float() - pretrained[k].float() for k in keys}
         return cls(deltas, name=name)
 

@@ -46,7 +46,7 @@ def register(app: typer.Typer) -> None:
             import shutil
 
             results_dir.mkdir(parents=True, exist_ok=True)
-            for file in ("results.json", "table1.md", "table1.png", "conditioning_history.png"):
+            for file in ("results.json", "table1.md", "table1.png", "conditioning_history.png", "scale_curve.png"):
                 if (run_dir / file).is_file():
                     shutil.copyfile(run_dir / file, results_dir / file)
             console.print(f"results copied to {results_dir}")

@@ -58,8 +58,11 @@ def register(app: typer.Typer) -> None:
         top: int = typer.Option(15, help="Show the layers with the largest update norms."),
     ) -> None:
         """Compute tau = finetuned - pretrained; print its global and per-layer norms."""
+        from distac.checkpoints import check_output_path
         from distac.task_vectors import ParameterSelector, TaskVector
 
+        if output is not None:
+            check_output_path(output, [pretrained, finetuned])
         selector = ParameterSelector(include=tuple(include), exclude=tuple(exclude)) if (include or exclude) else None
         tv = TaskVector.from_checkpoints(pretrained, finetuned, selector)
         layers = tv.layer_norms()

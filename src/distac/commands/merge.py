@@ -55,6 +55,7 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Merge task vectors of fine-tuned models and write the merged model plus merge.json."""
+        from distac.checkpoints import check_output_path, validate_checkpoint
         from distac.config import apply_overrides
         from distac.merging.registry import get_method
 
@@ -62,6 +63,12 @@ def register(app: typer.Typer) -> None:
         get_method(method, **hyperparameters)  # validate the method name and hyperparameters before any work
         if not finetuned:
             raise typer.BadParameter("give at least one fine-tuned checkpoint")
+        check_output_path(output, [*finetuned, pretrained])  # an output over an input would delete it
+        from distac.peft_sources import is_adapter_dir
+
+        for path in [*finetuned, *([pretrained] if pretrained is not None else [])]:
+            if not is_adapter_dir(path):  # adapters are checked by distac.peft_sources when read
+                validate_checkpoint(path)  # missing, unknown or corrupt files fail now, before loading anything
         task_names = names or [p.name for p in finetuned]
         if len(task_names) != len(finetuned) or len(set(task_names)) != len(task_names):
             raise typer.BadParameter("--name must be given once per source, with distinct names")
@@ -71,7 +78,16 @@ def register(app: typer.Typer) -> None:
         distac_models = all((p / SPEC_FILE).is_file() for p in finetuned)
         if streaming:
             record = _streaming(
-                pretrained, finetuned, method, coefficient, output, shard_bytes, include, exclude, hyperparameters
+                pretrained,
+                finetuned,
+                method,
+                coefficient,
+                output,
+                shard_bytes,
+                include,
+                exclude,
+                hyperparameters,
+                task_names,
             )
         elif distac_models:
             record = _merge_distac_models(
@@ -170,9 +186,11 @@ def _merge_checkpoints(
     exclude: list[str],
     shard_bytes: int,
 ) -> dict[str, Any]:
+    from distac.atomic import atomic_directory
     from distac.checkpoints import check_state_finite, load_state_dict, save_state_dict
     from distac.merging.base import apply_merge
     from distac.merging.registry import get_method
+    from distac.peft_sources import load_source
     from distac.task_vectors import ParameterSelector, TaskVector
 
     selector = ParameterSelector(include=tuple(include), exclude=tuple(exclude)) if (include or exclude) else None
@@ -180,7 +198,7 @@ def _merge_checkpoints(
     pre = load_state_dict(pretrained)
     vectors = []
     for path in finetuned:
-        state = load_state_dict(path)
+        state = load_source(path, pre, base_source=pretrained)  # a checkpoint or a LoRA adapter dir on pre
         check_state_finite(state, path)
         vectors.append(
             TaskVector.from_state_dicts(
@@ -190,7 +208,6 @@ def _merge_checkpoints(
     merger = get_method(method, **hyper)
     result = merger.merge(vectors, task_names=names, pretrained=pre)
     coef = merger.default_coefficient if coefficient is None else coefficient
-    targets = {name: output / name for name in names} if result.per_task is not None else {None: output}
     record = _record(
         method,
         merger.hyperparameters,
@@ -201,11 +218,22 @@ def _merge_checkpoints(
         time.perf_counter() - start,
         {"info": result.info, "task_conditional": result.per_task is not None},
     )
-    for task, target in targets.items():
-        merged = apply_merge(pre, result, coef, task=task)
+    if result.per_task is None:
+        merged = apply_merge(pre, result, coef)
         save_state_dict(
-            merged, target, max_shard_bytes=shard_bytes, copy_config_from=pretrained, extra_json={"merge.json": record}
+            merged, output, max_shard_bytes=shard_bytes, copy_config_from=pretrained, extra_json={"merge.json": record}
         )
+        return record
+    with atomic_directory(output) as tmp:  # all per-task models appear together, or none does
+        for task in names:
+            merged = apply_merge(pre, result, coef, task=task)
+            save_state_dict(
+                merged,
+                tmp / str(task),
+                max_shard_bytes=shard_bytes,
+                copy_config_from=pretrained,
+                extra_json={"merge.json": record},
+            )
     return record
 
 
@@ -223,7 +251,7 @@ def _merge_distac_models(
     data_root: Path | None,
     validation_examples: int | None,
 ) -> dict[str, Any]:
-    from distac.atomic import atomic_write_json
+    from distac.atomic import atomic_directory, atomic_write_json
     from distac.checkpoints import load_state_dict
     from distac.data import load_task
     from distac.experiments.merge_eval import EvalSettings, TaskModelBank, evaluate_method, individual_scores
@@ -245,6 +273,8 @@ def _merge_distac_models(
     extra: dict[str, Any] = {}
     if search:
         tasks = {n: load_task(m.spec.task or n, data_root) for n, m in models.items()}
+        for n, m in models.items():
+            m.check_task(tasks[n], "validation")
         bank = TaskModelBank(
             models,
             tasks,
@@ -290,11 +320,12 @@ def _merge_distac_models(
         time.perf_counter() - start,
         {"info": result.info, **extra},
     )
-    for name, model in models.items():
-        merged = apply_merge(pre, result, coef, task=name if result.per_task is not None else None)
-        model.load_state_dict(merged, strict=False)
-        save_model(model, output / name, extra={"merge.json": record})
-    atomic_write_json(output / "merge.json", record)
+    with atomic_directory(output) as tmp:  # all merged models appear together, or none does
+        for name, model in models.items():
+            merged = apply_merge(pre, result, coef, task=name if result.per_task is not None else None)
+            model.load_state_dict(merged, strict=False)
+            save_model(model, tmp / name, extra={"merge.json": record})
+        atomic_write_json(tmp / "merge.json", record)
     return record
 
 
@@ -308,6 +339,7 @@ def _streaming(
     include: list[str],
     exclude: list[str],
     hyper: dict[str, Any],
+    names: list[str] | None = None,
 ) -> dict[str, Any]:
     if pretrained is None:
         raise typer.BadParameter("--streaming needs --pretrained")
@@ -324,4 +356,5 @@ def _streaming(
         max_shard_bytes=shard_bytes,
         selector=selector,
         hyperparameters=hyper,
+        task_names=names,
     )

@@ -38,8 +38,8 @@ import torch
 
 from distac.atomic import atomic_path, atomic_write_json
 from distac.checkpoints import StateDict
-from distac.config import check_choice_option, check_device_option, check_option, check_type_option
 from distac.conditioning.losses import distillation_loss
+from distac.config import check_choice_option, check_device_option, check_option, check_type_option
 from distac.data import TaskData
 from distac.distributed import Runtime, runtime
 from distac.errors import CheckpointError
@@ -157,7 +157,7 @@ def condition(
     selected = set(names)
     for name, p in student.named_parameters():
         p.requires_grad_(name in selected)
-    # theta_init, the anchor of the L2 term (kept whole: under FSDP it is also the logging reference)
+    # theta_init, the anchor of the L2 term (under FSDP the anchor is taken from the sharded parameters)
     init_full = {n: student.get_parameter(n).detach().clone() for n in names}
     original_norm = _norm({n: teacher.get_parameter(n) for n in names}, pretrained)
     scaled_norm = _norm(init_full, pretrained)
@@ -201,9 +201,7 @@ def condition(
         init = init_full
     started = time.perf_counter()
     if start_step == 0:
-        history.append(
-            _log(rt, 0, model, student, names, val, init_full, pretrained, original_norm, scaled_norm, device, {})
-        )
+        history.append(_log(rt, 0, model, student, names, val, pretrained, original_norm, scaled_norm, device, {}))
     with progress_bar(f"DisTaC {task.name}", config.steps, progress and rt.is_main) as bar:
         job = bar.add_task("distill", total=config.steps, completed=start_step, status="")
         for step in range(start_step, config.steps):
@@ -243,7 +241,6 @@ def condition(
                         student,
                         names,
                         val,
-                        init_full,
                         pretrained,
                         original_norm,
                         scaled_norm,
@@ -274,7 +271,8 @@ def condition(
     if state_file is not None and rt.is_main:
         if state_file.is_file():
             state_file.unlink()
-        shutil.rmtree(state_file.parent / SHARDED_STATE_DIR, ignore_errors=True)
+        if rt.sharded:
+            shutil.rmtree(state_file.parent / SHARDED_STATE_DIR, ignore_errors=True)
     return ConditionResult(student, history, time.perf_counter() - started, asdict(config))
 
 
@@ -340,7 +338,6 @@ def _log(
     student: ClassifierModel,
     names: list[str],
     val: Any,
-    init: dict[str, torch.Tensor],
     pretrained: StateDict,
     original_norm: float,
     scaled_norm: float,

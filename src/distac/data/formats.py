@@ -29,26 +29,60 @@ def read_table(
     if not file.is_file():
         raise DataError(f"{file}: no such file")
     delimiter = delimiter or ("\t" if file.suffix in {".tsv", ".txt"} else ",")
-    with open(file, newline="", encoding="utf-8") as handle:
-        quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-        reader = csv.DictReader(handle, delimiter=delimiter, quoting=quoting)
-        columns = reader.fieldnames or []
-        first, *rest = text_columns
-        for needed in (first, label_column):
-            if needed not in columns:
-                raise DataError(f"{file}: missing column {needed!r} (found columns {columns})")
-        second = rest[0] if rest and rest[0] in columns else None
-        inputs: list[TextPair] = []
-        labels: list[str] = []
-        for line, row in enumerate(reader, start=2):
-            label = (row.get(label_column) or "").strip()
-            if label == "":
-                raise DataError(f"{file}:{line}: empty label")
-            inputs.append((row[first] or "", (row.get(second) or None) if second else None))
-            labels.append(label)
+    try:
+        with open(file, newline="", encoding="utf-8") as handle:
+            quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+            reader = csv.DictReader(handle, delimiter=delimiter, quoting=quoting, strict=True)
+            columns = reader.fieldnames or []
+            first, *rest = text_columns
+            for needed in (first, label_column):
+                if needed not in columns:
+                    raise DataError(f"{file}: missing column {needed!r} (found columns {columns})")
+            if len(set(columns)) != len(columns):
+                raise DataError(f"{file}: duplicate column names {columns}")
+            second = rest[0] if rest and rest[0] in columns else None
+            inputs: list[TextPair] = []
+            labels: list[str] = []
+            for row in reader:
+                line = reader.line_num
+                if None in row:
+                    raise DataError(f"{file}:{line}: more fields than the {len(columns)} columns {columns}")
+                label = (row.get(label_column) or "").strip()
+                if label == "":
+                    raise DataError(f"{file}:{line}: empty label")
+                if _is_negative_integer(label):
+                    raise DataError(
+                        f"{file}:{line}: label {label!r} is negative (unlabeled examples, e.g. a GLUE test split?)"
+                    )
+                inputs.append((row[first] or "", (row.get(second) or None) if second else None))
+                labels.append(label)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{file}: not a UTF-8 text file: {exc}") from exc
+    except csv.Error as exc:
+        raise DataError(f"{file}: malformed {'TSV' if delimiter == chr(9) else 'CSV'}: {exc}") from exc
+    except OSError as exc:
+        raise DataError(f"{file}: cannot read: {exc}") from exc
     if not inputs:
         raise DataError(f"{file}: no examples")
     return inputs, labels
+
+
+def _is_negative_integer(label: str) -> bool:
+    try:
+        return int(label) < 0
+    except ValueError:
+        return False
+
+
+def encode_labels(labels: Sequence[str], index: dict[str, int], file: object, classes: Sequence[str]) -> np.ndarray:
+    """Class indices of raw label strings; a label outside ``classes`` is an error naming the file."""
+    unknown = sorted({v for v in labels if v not in index})
+    if unknown:
+        raise DataError(
+            f"{file}: labels {unknown[:5]} are not among the {len(classes)} classes {list(classes)[:20]} "
+            "(classes come from the training split)"
+        )
+    return np.array([index[v] for v in labels], dtype=np.int64)
 
 
 def load_table_task(
@@ -65,20 +99,19 @@ def load_table_task(
     """A text task from CSV/TSV files; labels may be integers or class names."""
     tr_in, tr_lab = read_table(train, text_columns=text_columns, label_column=label_column)
     te_in, te_lab = read_table(test, text_columns=text_columns, label_column=label_column)
-    all_labels = tr_lab + te_lab
     if class_names is None:
-        unique = sorted(set(all_labels))
+        unique = sorted(set(tr_lab))
         try:
             unique = [str(u) for u in sorted(unique, key=int)]
         except ValueError:
             pass
         class_names = unique
-    index = _label_index(class_names, all_labels, train)
-    tr = Split(tr_in, np.array([index[v] for v in tr_lab]))
-    te = Split(te_in, np.array([index[v] for v in te_lab]))
+    index = _label_index(class_names, tr_lab, train)
+    tr = Split(tr_in, encode_labels(tr_lab, index, train, class_names))
+    te = Split(te_in, encode_labels(te_lab, index, test, class_names))
     if validation is not None:
         va_in, va_lab = read_table(validation, text_columns=text_columns, label_column=label_column)
-        va = Split(va_in, np.array([index[v] for v in va_lab]))
+        va = Split(va_in, encode_labels(va_lab, index, validation, class_names))
     else:
         tr, va = carve_validation(tr, 0.1, seed)
     return TaskData(
@@ -145,7 +178,10 @@ def load_hf_dataset(
                 raise DataError(f"{path}: cannot tell the input columns; pass text_columns or image_column")
 
     def convert(ds: object) -> Split:
-        labels = np.asarray(ds[label_column], dtype=np.int64)  # type: ignore[index]
+        try:
+            labels = np.asarray(ds[label_column], dtype=np.int64)  # type: ignore[index]
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise DataError(f"{path}: column {label_column!r} must hold integer class labels: {exc}") from exc
         if image_column is not None:
             images = np.stack(
                 [
@@ -196,7 +232,11 @@ def load_image_folder(root: str | Path, name: str | None = None, *, size: int | 
         for d in class_dirs:
             for file in sorted(d.iterdir()):
                 if file.suffix.lower() in IMAGE_SUFFIXES:
-                    img = Image.open(file).convert("RGB")
+                    try:
+                        with Image.open(file) as opened:
+                            img = opened.convert("RGB")
+                    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                        raise DataError(f"{file}: not a readable image: {exc}") from exc
                     if size is not None:
                         img = img.resize((size, size))
                     images.append(np.asarray(img, dtype=np.uint8))

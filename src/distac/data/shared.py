@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distac.data.formats import read_table
+from distac.data.formats import encode_labels, read_table
 from distac.data.tasks import Split, TaskData, carve_validation
 from distac.errors import DataError
 
@@ -124,15 +124,17 @@ def load_text_task_dir(directory: Path, name: str) -> TaskData:
     test_in, test_lab = read_table(test_file, text_columns=("text_a", "text_b"), label_column="label")
     if any(not _is_class_label(v) for v in train_lab[:50]):
         raise DataError(f"{train_file}: labels look continuous (regression task?); distac needs class labels")
-    label_names = _label_order(list(train_lab) + list(test_lab))
+    label_names = _label_order(list(train_lab))
     index = {v: i for i, v in enumerate(label_names)}
-    train = Split(train_in, np.array([index[v] for v in train_lab]))
-    test = Split(test_in, np.array([index[v] for v in test_lab]))
+    train = Split(train_in, encode_labels(train_lab, index, train_file, label_names))
+    test = Split(test_in, encode_labels(test_lab, index, test_file, label_names))
     val_file = next((directory / f for f in ("validation.tsv", "dev.tsv") if (directory / f).is_file()), None)
     if val_file is not None:
         val_in, val_lab = read_table(val_file, text_columns=("text_a", "text_b"), label_column="label")
-        validation = Split(val_in, np.array([index[v] for v in val_lab]))
+        validation = Split(val_in, encode_labels(val_lab, index, val_file, label_names))
     else:
+        if len(train) < 2:
+            raise DataError(f"{train_file}: {len(train)} example(s); at least 2 are needed to carve a validation split")
         train, validation = carve_validation(train, VALIDATION_FRACTION, SPLIT_SEED)
     class_names = TEXT_CLASS_NAMES.get(name) if len(TEXT_CLASS_NAMES.get(name, [])) == len(label_names) else None
     return TaskData(
@@ -158,9 +160,15 @@ def load_vision_npz(file: Path, name: str) -> TaskData:
     if not file.is_file():
         raise DataError(f"{file}: missing (task {name!r})")
     try:
-        arrays = dict(np.load(file, allow_pickle=False))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{file}: not a readable npz archive: {exc}") from exc
+        archive = np.load(file, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise DataError(f"{file}: not an npz archive (a single .npy array?)")
+        with archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - zipfile/numpy raise many types on a corrupt archive
+        raise DataError(f"{file}: not a readable npz archive: {type(exc).__name__}: {exc}") from exc
 
     def get(split: str) -> Split | None:
         for x_key, y_key in ((f"x_{split}", f"y_{split}"), (f"{split}_images", f"{split}_labels")):
@@ -168,12 +176,24 @@ def load_vision_npz(file: Path, name: str) -> TaskData:
                 x, y = arrays[x_key], arrays[y_key].reshape(-1)
                 if x.dtype != np.uint8:
                     raise DataError(f"{file}: {x_key} must be uint8 images, found {x.dtype}")
+                if x.ndim not in (3, 4):
+                    raise DataError(f"{file}: {x_key} must be images (N, H, W[, C]), found shape {x.shape}")
+                if len(x) != len(y):
+                    raise DataError(f"{file}: {x_key} has {len(x)} images but {y_key} has {len(y)} labels")
+                if len(y) == 0:
+                    raise DataError(f"{file}: {x_key}/{y_key} are empty")
+                if y.dtype.kind == "f" and np.isfinite(y).all() and (y == np.round(y)).all():
+                    y = y.astype(np.int64)
+                if y.dtype.kind not in "iu":
+                    raise DataError(f"{file}: {y_key} must hold integer class labels, found dtype {y.dtype}")
                 return Split(x, y.astype(np.int64))
         return None
 
     train, test, validation = get("train"), get("test"), get("val")
     info: dict[str, object] = {}
     if train is None and (everything := get("all")) is not None:
+        if len(everything) < 10:
+            raise DataError(f"{file}: only {len(everything)} examples in x_all; too few for a 70/10/20 split")
         rest, test = carve_validation(everything, 0.2, SPLIT_SEED)
         train, validation = carve_validation(rest, 0.125, SPLIT_SEED + 1)
         info["split"] = "seeded 70/10/20 split of x_all"
@@ -182,6 +202,8 @@ def load_vision_npz(file: Path, name: str) -> TaskData:
             f"{file}: expected keys x_train/y_train and x_test/y_test (or x_all/y_all), found {sorted(arrays)}"
         )
     if validation is None:
+        if len(train) < 2:
+            raise DataError(f"{file}: {len(train)} training example(s); a validation split needs at least 2")
         groups = None
         if name == "gtsrb":
             groups = _gtsrb_tracks(train.labels)
@@ -189,6 +211,8 @@ def load_vision_npz(file: Path, name: str) -> TaskData:
         train, validation = carve_validation(train, VALIDATION_FRACTION, SPLIT_SEED, groups)
     n_classes = int(max(train.labels.max(), test.labels.max(), validation.labels.max())) + 1
     if "classes" in arrays:
+        if arrays["classes"].ndim != 1 or len(arrays["classes"]) == 0:
+            raise DataError(f"{file}: 'classes' must be a non-empty 1-D array of names")
         class_names = [str(c) for c in arrays["classes"]]
     else:
         class_names = {"pneumoniamnist": ["normal", "pneumonia"]}.get(name, [str(i) for i in range(n_classes)])

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distac.config import build_dataclass, load_config
+from distac.config import build_dataclass, check_device_option, check_option, load_config
 from distac.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "experiments"
@@ -73,6 +73,7 @@ class ExperimentConfig:
                     raise ConfigError(
                         f"scenario {scenario!r}: unknown recipe {spec[key]!r}; known {sorted(self.recipes)}"
                     )
+        validate_sections(self)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,6 +82,84 @@ class ExperimentConfig:
         if self.grid is not None:
             return [float(x) for x in self.grid]
         return [round(i * 0.05, 2) for i in range(21)]
+
+
+#: Keys a scenario may set (see ``Pipeline.run_scenario``).
+SCENARIO_KEYS = ("recipe", "long_recipe", "long_tasks", "condition", "kappa")
+LIMIT_KEYS = ("train", "validation", "test")
+
+
+def validate_sections(config: ExperimentConfig) -> None:
+    """Check the nested sections now, so a typo or out-of-range value fails before any fine-tuning
+    starts (the pipeline builds these configs only when it reaches each step)."""
+    from distac.conditioning.distac import ConditionConfig
+    from distac.experiments.merge_eval import EvalSettings
+    from distac.merging.registry import get_method
+    from distac.models.registry import MODEL_FAMILIES
+    from distac.training.finetune import FinetuneConfig
+    from distac.training.losses import LossConfig
+
+    if config.family not in MODEL_FAMILIES:
+        raise ConfigError(f"experiment {config.name!r}: unknown model family {config.family!r}; known {MODEL_FAMILIES}")
+    if not config.backbone:
+        raise ConfigError(f"experiment {config.name!r}: empty backbone")
+    check_device_option("experiment", "device", config.device)
+    if any(not t for t in config.tasks):
+        raise ConfigError(f"experiment {config.name!r}: empty task name in {config.tasks}")
+    bad_limits = sorted((k for k in config.limits if k not in LIMIT_KEYS), key=str)
+    if bad_limits:
+        raise ConfigError(f"limits: unknown split(s) {bad_limits}; valid: {list(LIMIT_KEYS)}")
+    for split, limit in config.limits.items():
+        check_option("limits", split, limit, low=1, integer=True, optional=True)
+    check_option("experiment", "seed", config.seed, low=0, high=2**63 - 1, integer=True)
+    for i, value in enumerate(config.grid or []):
+        check_option("grid", str(i), value, low=-1e6, high=1e6)
+    if config.grid is not None and not config.grid:
+        raise ConfigError("grid: empty coefficient grid (use null for the default 0..1 step 0.05)")
+
+    base = dict(config.finetune)
+    base_loss = base.pop("loss", {"kind": "ce"})
+    for name, recipe in config.recipes.items():
+        spec = dict(recipe)
+        multiplier = spec.pop("lr_multiplier", 1.0)
+        check_option(f"recipes.{name}", "lr_multiplier", multiplier, low=0.0, low_inclusive=False)
+        loss = build_dataclass(LossConfig, spec.pop("loss", base_loss), f"recipes.{name}.loss")
+        values = {"seed": config.seed, "device": config.device, **base, **spec}
+        build_dataclass(FinetuneConfig, {**values, "loss": loss}, f"finetune (recipe {name!r})")
+        lr = values.get("lr", 1e-5)
+        if isinstance(lr, int | float) and not isinstance(lr, bool):
+            check_option(f"recipes.{name}", "lr x lr_multiplier", lr * multiplier, low=0.0, high=10.0)
+
+    for scenario, spec in config.scenarios.items():
+        unknown = sorted((k for k in spec if k not in SCENARIO_KEYS), key=str)
+        if unknown:
+            raise ConfigError(f"scenario {scenario!r}: unknown key(s) {unknown}; valid: {list(SCENARIO_KEYS)}")
+        long_tasks = spec.get("long_tasks")
+        if long_tasks is not None and (
+            not isinstance(long_tasks, list) or any(t not in config.tasks for t in long_tasks)
+        ):
+            raise ConfigError(
+                f"scenario {scenario!r}: long_tasks must be null or a list of the tasks {config.tasks}, "
+                f"got {long_tasks!r}"
+            )
+        if "kappa" in spec and spec["kappa"] not in ("one", "shrink"):
+            raise ConfigError(f"scenario {scenario!r}: kappa must be 'one' or 'shrink', got {spec['kappa']!r}")
+        if "condition" in spec and not isinstance(spec["condition"], bool):
+            raise ConfigError(f"scenario {scenario!r}: condition must be true/false, got {spec['condition']!r}")
+    for scenario in config.scenarios:  # condition_per_scenario may also cover scenarios a config leaves out
+        values = {"seed": config.seed, "device": config.device, **config.condition}
+        values.update(config.condition_per_scenario.get(scenario, {}))
+        build_dataclass(ConditionConfig, values, f"condition (scenario {scenario!r})")
+
+    unknown = sorted((m for m in config.method_options if m not in config.methods), key=str)
+    if unknown:
+        raise ConfigError(f"method_options: for method(s) {unknown} that are not in methods {config.methods}")
+    for method in config.methods:
+        get_method(method, **config.method_options.get(method, {}))
+    settings = build_dataclass(EvalSettings, {"device": config.device, **config.evaluation}, "evaluation")
+    check_option("evaluation", "batch_size", settings.batch_size, low=1, integer=True)
+    check_option("evaluation", "validation_examples", settings.validation_examples, low=1, integer=True, optional=True)
+    check_option("evaluation", "test_examples", settings.test_examples, low=1, integer=True, optional=True)
 
 
 def resolve_config_path(name_or_path: str) -> Path:

@@ -299,6 +299,36 @@ class ExperimentRunner:
             out["scaling_alone"] = self.merge_all(f"{key}/scaled", scaled, sources)
         return out
 
+    # ------------------------------------------------------------------------------------ studies
+    def scale_curve(self, scales: list[float] | None = None, recipe: str = "base") -> dict[str, Any]:
+        """Figure 3 analog: each source's own test score at theta_pre + s * tau, for a grid of s.
+
+        Shows why shrinking a long task vector alone loses accuracy (and so needs distillation),
+        and how far a normal vector can be scaled before its task degrades. Forward passes only;
+        cached in ``studies/scale_curve.json``.
+        """
+        file = self.run_dir / "studies" / f"scale_curve-{recipe}.json"
+        if file.is_file():
+            return json.loads(file.read_text())
+        scales = [float(s) for s in (scales or [0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0])]
+        pre = self.pretrained_backbone()
+        settings = self.eval_settings()
+        curves: dict[str, Any] = {}
+        for task in self.config.tasks:
+            model = self.load(self.ensure_source(recipe, task))
+            bank = TaskModelBank({task: model}, {task: self.task_data(task)}, settings)
+            tau = self.task_vector(model)
+            points = []
+            for scale in scales:
+                backbone = {k: (pre[k].float() + scale * tau[k]).to(pre[k].dtype) for k in pre}
+                metrics = bank.score(task, backbone, "test")
+                points.append({"scale": scale, "score": metrics.score, "entropy": metrics.entropy})
+            curves[task] = points
+            self.echo(f"  scale curve {task}: " + " ".join(f"{p['scale']:g}:{p['score']:.3f}" for p in points))
+        record = {"recipe": recipe, "scales": scales, "curves": curves}
+        atomic_write_json(file, record)
+        return record
+
     # ------------------------------------------------------------------------------------ all
     def run(self, scenarios: list[str] | None = None) -> dict[str, Any]:
         start = time.perf_counter()
@@ -314,6 +344,10 @@ class ExperimentRunner:
             self.echo(f"== scenario {scenario}")
             results["scenarios"][scenario] = self.run_scenario(scenario)
             atomic_write_json(self.run_dir / "results.json", results)
+        if "scale_curve" in self.config.studies:
+            options = dict(self.config.studies["scale_curve"] or {})
+            self.echo("== study scale_curve")
+            results["studies"] = {"scale_curve": self.scale_curve(options.get("scales"), options.get("recipe", "base"))}
         results["wall_seconds"] = time.perf_counter() - start
         atomic_write_json(self.run_dir / "results.json", results)
         return results

@@ -107,7 +107,30 @@ def write_report(run_dir: str | Path) -> Path:
     atomic_write_text(path, "\n".join(parts))
     plot_table1(results, run_dir / "table1.png")
     plot_condition_histories(run_dir, run_dir / "conditioning_history.png")
+    curve = results.get("studies", {}).get("scale_curve")
+    if curve:
+        plot_scale_curve(curve, run_dir / "scale_curve.png")
     return path
+
+
+def plot_scale_curve(curve: dict[str, Any], path: Path) -> None:
+    """Figure 3 analog: single-task test score against the task-vector scale s (theta_pre + s * tau)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for task, points in curve["curves"].items():
+        ax.plot([p["scale"] for p in points], [100 * p["score"] for p in points], marker="o", label=task)
+    ax.axvline(1.0, color="k", linestyle=":", linewidth=1)
+    ax.set_xlabel("task-vector scale s")
+    ax.set_ylabel("single-task test score (%)")
+    ax.set_title("accuracy of theta_pre + s * tau")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
 
 
 def plot_table1(results: dict[str, Any], path: Path) -> None:

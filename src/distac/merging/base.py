@@ -242,6 +242,8 @@ def _task_names(task_names: Sequence[str] | None, count: int) -> list[str]:
 
 # --------------------------------------------------------------------------------------------- checks
 _MAX_INT = 2**62  # integers beyond this overflow torch's int64 arithmetic
+
+
 def check_number(
     name: str,
     value: object,

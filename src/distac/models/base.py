@@ -45,6 +45,27 @@ class ModelSpec:
 
     @classmethod
     def from_json(cls, payload: Mapping[str, Any], source: object = "spec") -> ModelSpec:
+        if not isinstance(payload, Mapping):
+            raise CheckpointError(f"{source}: invalid model spec: expected a JSON object, not {type(payload).__name__}")
+        num_labels = payload.get("num_labels")
+        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+            raise CheckpointError(
+                f"{source}: invalid model spec: num_labels must be a positive integer, got {num_labels!r}"
+            )
+        class_names = payload.get("class_names")
+        if class_names and (
+            not isinstance(class_names, list)
+            or len(class_names) != num_labels
+            or not all(isinstance(c, str) for c in class_names)
+        ):
+            raise CheckpointError(
+                f"{source}: invalid model spec: class_names must be a list of {num_labels} names, got {class_names!r}"
+            )
+        for key in ("family", "backbone"):
+            if not isinstance(payload.get(key), str) or not payload[key]:
+                raise CheckpointError(f"{source}: invalid model spec: {key} must be a non-empty string")
+        if payload.get("task") is not None and not isinstance(payload["task"], str):
+            raise CheckpointError(f"{source}: invalid model spec: task must be a string, got {payload['task']!r}")
         try:
             return cls(
                 family=str(payload["family"]),
@@ -63,8 +84,8 @@ class ModelSpec:
         if not file.is_file():
             raise CheckpointError(f"{directory}: not a distac model directory (no {SPEC_FILE})")
         try:
-            payload = json.loads(file.read_text())
-        except ValueError as exc:
+            payload = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as exc:
             raise CheckpointError(f"{file}: invalid JSON: {exc}") from exc
         return cls.from_json(payload, file)
 
@@ -128,6 +149,17 @@ class ClassifierModel(nn.Module, ABC):
             raise DataError(
                 f"{source}: labels range over [{low}, {high}] but the model head has {self.spec.num_labels} classes"
             )
+
+    def check_task(self, task: Any, split: str | None = None) -> None:
+        """A task with another number of classes than this model's head is an error (even when its labels
+        happen to fit), and so are labels outside the head; ``split`` also checks that split's labels."""
+        if task.num_classes != self.spec.num_labels:
+            raise DataError(
+                f"{task.source or task.name}: task {task.name!r} has {task.num_classes} classes but the model head "
+                f"(task {self.spec.task!r}) has {self.spec.num_labels}"
+            )
+        if split is not None:
+            self.check_labels(task.split(split).labels, f"{task.source or task.name} ({split})")
 
     @property
     def device(self) -> torch.device:

@@ -18,6 +18,8 @@ from distac.errors import CheckpointError, ConfigError
 from distac.models.base import SPEC_FILE, ClassifierModel, ModelSpec
 
 ARCHITECTURE_DIR = "architecture"
+#: Model families :func:`build_model` knows (``ModelSpec.family``).
+MODEL_FAMILIES = ("hf-text", "clip", "timm", "vision")
 
 
 def _quiet_transformers() -> None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from distac.config import check_choice_option, check_option
+
 LOSS_KINDS = ("ce", "label_smoothing", "mixup", "focal")
 
 
@@ -24,12 +26,9 @@ class LossConfig:
     gamma: float = 2.0  # focal loss
 
     def __post_init__(self) -> None:
-        if self.kind not in LOSS_KINDS:
-            raise ValueError(f"unknown loss {self.kind!r}; use one of {LOSS_KINDS}")
-        if not 0.0 <= self.alpha < 1.0:
-            raise ValueError(f"label smoothing alpha must be in [0, 1), got {self.alpha}")
-        if self.gamma < 0:
-            raise ValueError(f"focal gamma must be >= 0, got {self.gamma}")
+        check_choice_option("loss", "kind", self.kind, LOSS_KINDS)
+        check_option("loss", "alpha", self.alpha, low=0.0, high=1.0, high_inclusive=False)  # label smoothing
+        check_option("loss", "gamma", self.gamma, low=0.0, high=100.0)  # focal loss
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
