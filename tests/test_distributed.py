@@ -2,9 +2,10 @@
 processes) end with the same weights as a single-process run, and a single-process resume state
 resumes under 2 processes.
 
-One launch runs the real CLI (``distac.cli``) three times: fine-tune, condition, and condition
-resumed from a state file an interrupted single-process run left behind. The references run in
-this process. The tiny BERT has no dropout, so fine-tuning is deterministic on every rank.
+One launch runs the real CLI (``distac.cli``) five times: fine-tune, fine-tune resumed from a
+state file an interrupted single-process run left behind, condition, and condition resumed
+likewise. The references run in this process. The tiny BERT has no dropout, so fine-tuning is
+deterministic on every rank.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ for args in json.loads(sys.argv[1]):
 
 # accelerate enables FSDP only on GPUs; this driver forces its FSDP2 mode onto the CPU/gloo processes
 # (a test device, not a way to run), so the sharded code path can be checked without GPUs. An
-# interrupted run (exit right after the first sharded checkpoint) is resumed by the next command.
+# interrupted run (exit right after the first sharded checkpoint of the command that
+# DISTAC_TEST_INTERRUPT names) is resumed by the next launch.
 FSDP_DRIVER = """
 import json, os, sys
 import distac.conditioning.distac as conditioning
@@ -72,14 +74,15 @@ def fsdp_runtime(device="auto"):
     return rt
 
 conditioning.runtime = training.runtime = fsdp_runtime
-save = conditioning._save_sharded_state
+def then_exit(save, command):
+    def save_then_exit(*args, **kwargs):
+        save(*args, **kwargs)
+        if os.environ.get("DISTAC_TEST_INTERRUPT") == command:
+            os._exit(0)
+    return save_then_exit
 
-def save_then_exit(*args, **kwargs):
-    save(*args, **kwargs)
-    if os.environ.get("DISTAC_TEST_INTERRUPT"):
-        os._exit(0)
-
-conditioning._save_sharded_state = save_then_exit
+conditioning._save_sharded_state = then_exit(conditioning._save_sharded_state, "condition")
+training.save_sharded_state = then_exit(training.save_sharded_state, "finetune")
 from distac.cli import app
 for args in json.loads(sys.argv[1]):
     app(args, standalone_mode=False)
@@ -238,15 +241,36 @@ def launched(setup: dict[str, Path]) -> dict[str, Path]:
     finally:
         mod._save_state = original
     assert (root / "resume.work" / STATE_FILE).is_file()
+    # and an interrupted single-process fine-tuning run leaves finetune_state.pt after step 2 (of 4)
+    import distac.training.finetune as training
+
+    original_finetune_save = training._save_state
+
+    def finetune_save_then_crash(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        original_finetune_save(*args, **kwargs)
+        raise Crash
+
+    training._save_state = finetune_save_then_crash
+    try:
+        with pytest.raises(Crash):
+            config = FinetuneConfig(**FINETUNE, checkpoint_every=2)
+            model = build_model(_spec(setup["bert"], setup["task"]))
+            finetune(model, task, config, work_dir=root / "ft-resume.work", progress=False)
+    finally:
+        training._save_state = original_finetune_save
+    resume_ft = root / "ft-resume.work"
+    assert (resume_ft / training.STATE_FILE).is_file()
 
     runs = [
-        _finetune_args(setup, root / "ft"),
+        # checkpoints at step 2: every process's generator state is gathered, the main process saves
+        [*_finetune_args(setup, root / "ft"), "--set", "checkpoint_every=2"],
+        [*_finetune_args(setup, root / "ft-resumed"), "--set", "checkpoint_every=2", "--work-dir", str(resume_ft)],
         _condition_args(setup, root / "cond", root / "cond.work"),
         _condition_args(setup, root / "resumed", root / "resume.work"),
     ]
     proc = _launch(root, DRIVER, runs)
     # only the main process reports (and writes): one line per command
-    assert proc.stdout.count("saved ") == 1 and proc.stdout.count("conditioned ") == 2, proc.stdout
+    assert proc.stdout.count("saved ") == 2 and proc.stdout.count("conditioned ") == 2, proc.stdout
     return setup
 
 
@@ -255,14 +279,18 @@ def test_two_process_finetune_matches_single_process(launched: dict[str, Path]) 
     model = build_model(_spec(launched["bert"], launched["task"]))
     start = {k: v.clone() for k, v in model.state_dict().items()}
     result = finetune(model, load_task(str(launched["task"])), FinetuneConfig(**FINETUNE), progress=False)
-    distributed = load_model(launched["root"] / "ft")
-    abs_diff, rel_diff = _compare(
-        model.state_dict(), distributed.state_dict(), start, FINETUNE["steps"] * FINETUNE["lr"]
-    )
-    print(f"finetune: max abs diff {abs_diff:.3g}, relative to the update {rel_diff:.3g}")
-    assert abs_diff < 1e-6 and rel_diff < 1e-3  # a float32 ulp at 1.0 (LayerNorm weights) is 1.2e-7
-    saved = json.loads((launched["root"] / "ft" / "finetune.json").read_text())["result"]
-    assert abs(saved["final_loss"] - result.losses[-1]) < 1e-5  # the logged loss is the global-batch mean
+    for name in ("ft", "ft-resumed"):  # ft-resumed: resumed from a single-process state after step 2
+        distributed = load_model(launched["root"] / name)
+        abs_diff, rel_diff = _compare(
+            model.state_dict(), distributed.state_dict(), start, FINETUNE["steps"] * FINETUNE["lr"]
+        )
+        print(f"finetune ({name}): max abs diff {abs_diff:.3g}, relative to the update {rel_diff:.3g}")
+        assert abs_diff < 1e-6 and rel_diff < 1e-3  # a float32 ulp at 1.0 (LayerNorm weights) is 1.2e-7
+        saved = json.loads((launched["root"] / name / "finetune.json").read_text())["result"]
+        assert abs(saved["final_loss"] - result.losses[-1]) < 1e-5  # the logged loss is the global-batch mean
+    # the main process removed the resume states at the end
+    assert not (launched["root"] / "ft-resume.work" / "finetune_state.pt").exists()
+    assert not (launched["root"] / "ft.work" / "finetune_state.pt").exists()
 
 
 @pytest.mark.slow
@@ -319,13 +347,19 @@ def test_global_batch_split_and_loss_weights() -> None:
 def test_fsdp2_on_two_cpu_processes_matches_single_process(setup: dict[str, Path]) -> None:
     root = setup["root"] / "fsdp"
     root.mkdir()
-    # 1: condition, interrupted after the step-2 sharded checkpoint; 2: resumed; 3: fine-tune
+    # 1: condition, interrupted after the step-2 sharded checkpoint; 2: condition resumed, then
+    # fine-tune, interrupted likewise; 3: fine-tune resumed
     condition_args = _condition_args(setup, root / "cond", root / "cond.work")
-    _launch(root, FSDP_DRIVER, [condition_args], DISTAC_TEST_INTERRUPT="1")
+    finetune_args = [*_finetune_args(setup, root / "ft"), "--set", "checkpoint_every=2"]
+    _launch(root, FSDP_DRIVER, [condition_args], DISTAC_TEST_INTERRUPT="condition")
     assert (root / "cond.work" / "condition_state_fsdp" / "distac_state.json").is_file()
     assert not (root / "cond").exists()
-    _launch(root, FSDP_DRIVER, [condition_args, _finetune_args(setup, root / "ft")])
+    _launch(root, FSDP_DRIVER, [condition_args, finetune_args], DISTAC_TEST_INTERRUPT="finetune")
     assert not (root / "cond.work" / "condition_state_fsdp").exists()
+    assert json.loads((root / "ft.work" / "finetune_state_fsdp" / "distac_state.json").read_text())["step"] == 2
+    assert not (root / "ft").exists()
+    _launch(root, FSDP_DRIVER, [finetune_args])
+    assert not (root / "ft.work" / "finetune_state_fsdp").exists()
 
     teacher = load_model(setup["source"])
     single = condition(
@@ -342,5 +376,5 @@ def test_fsdp2_on_two_cpu_processes_matches_single_process(setup: dict[str, Path
     finetune(model, load_task(str(setup["task"])), FinetuneConfig(**FINETUNE), progress=False)
     bound = FINETUNE["steps"] * FINETUNE["lr"]
     abs_diff, rel_diff = _compare(model.state_dict(), load_model(root / "ft").state_dict(), start, bound)
-    print(f"FSDP2 finetune: max abs diff {abs_diff:.3g}, relative to the update {rel_diff:.3g}")
+    print(f"FSDP2 finetune (resumed): max abs diff {abs_diff:.3g}, relative to the update {rel_diff:.3g}")
     assert abs_diff < 1e-6 and rel_diff < 1e-3

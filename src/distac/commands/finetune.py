@@ -30,6 +30,7 @@ def register(app: typer.Typer) -> None:
         image_size: int | None = typer.Option(None, help="Resize images to this size (default: the backbone's)."),
         train_examples: int | None = typer.Option(None, help="Use at most this many training examples."),
         seed: int | None = typer.Option(None, help="Random seed."),
+        work_dir: Path | None = typer.Option(None, help="Checkpoint directory for resume (default <output>.work)."),
         device: str = DEVICE_OPTION,
         config: Path | None = CONFIG_OPTION,
         overrides: list[str] = SET_OPTION,
@@ -37,6 +38,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Fine-tune backbone + task head (CLIP: image encoder only) with AdamW and a cosine schedule.
 
+        Resumable: the state is saved in --work-dir every `checkpoint_every` steps (`--set
+        checkpoint_every=N`, default 100) and a rerun of the same command continues from it.
         Runs on several GPUs (or CPU processes) under `accelerate launch -m distac.cli finetune ...`;
         only the main process writes the output."""
         from distac.config import build_dataclass, load_config
@@ -66,7 +69,7 @@ def register(app: typer.Typer) -> None:
             family, backbone, data.num_classes, task=data.name, class_names=data.class_names, options=options
         )
         model = build_model(spec)
-        result = finetune(model, data, cfg)
+        result = finetune(model, data, cfg, work_dir=work_dir or output.with_name(output.name + ".work"))
         if not is_main_process():
             return
         save_model(model, output, extra={"finetune.json": {"config": _asdict(cfg), "result": result.to_json()}})

@@ -24,9 +24,8 @@ each global batch and the run ends with the same weights as a single-process run
 from __future__ import annotations
 
 import copy
-import json
+import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,7 +35,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from distac.atomic import atomic_path, atomic_write_json
 from distac.checkpoints import StateDict
 from distac.conditioning.losses import distillation_loss
 from distac.config import check_choice_option, check_device_option, check_option, check_type_option
@@ -45,11 +43,19 @@ from distac.distributed import Runtime, runtime
 from distac.errors import CheckpointError
 from distac.models.base import ClassifierModel, move_inputs
 from distac.models.inference import predict_logits
+from distac.resume import (
+    SHARDED_META_FILE,  # noqa: F401  (re-exported: the FSDP state's JSON file)
+    load_sharded_state,
+    load_state,
+    save_sharded_state,
+    save_state,
+)
 from distac.training.finetune import progress_bar
+
+log = logging.getLogger("distac.conditioning")
 
 STATE_FILE = "condition_state.pt"
 SHARDED_STATE_DIR = "condition_state_fsdp"  # FSDP runs: accelerate's sharded checkpoint
-SHARDED_META_FILE = "distac_state.json"
 
 
 @dataclass
@@ -200,6 +206,8 @@ def condition(
         trainable = {n: student.get_parameter(n) for n in names}
         init = init_full
     started = time.perf_counter()
+    if start_step and rt.is_main:
+        log.info("DisTaC %s: resuming from step %d of %d (%s)", task.name, start_step, config.steps, work_dir)
     if start_step == 0:
         history.append(_log(rt, 0, model, student, names, val, pretrained, original_norm, scaled_norm, device, {}))
     with progress_bar(f"DisTaC {task.name}", config.steps, progress and rt.is_main) as bar:
@@ -376,39 +384,17 @@ def _log(
 
 def _load_state(rt: Runtime, file: Path, device: torch.device) -> dict[str, Any] | None:
     """The resume state, read by the main process and broadcast to the others (None: start fresh)."""
-    saved = None
-    if rt.is_main and file.is_file():
-        saved = torch.load(file, map_location="cpu" if rt.distributed else device, weights_only=True)
-    return rt.broadcast(saved)
+    return load_state(rt, file, device)
 
 
 def _save_sharded_state(rt: Runtime, directory: Path, history: list[dict[str, float]], step: int) -> None:
     """FSDP resume state: accelerate's sharded checkpoint (every process writes its shards, so
     ``work_dir`` must be on a filesystem all processes share), swapped into place atomically."""
-    tmp = directory.with_name(directory.name + ".tmp")
-    if rt.is_main and tmp.exists():
-        shutil.rmtree(tmp)
-    rt.barrier()
-    rt.accelerator.save_state(str(tmp))
-    rt.barrier()
-    if rt.is_main:
-        atomic_write_json(tmp / SHARDED_META_FILE, {"step": step, "history": history})
-        old = directory.with_name(directory.name + ".old")
-        if directory.exists():
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    rt.barrier()
+    save_sharded_state(rt, directory, {"step": step, "history": history})
 
 
 def _load_sharded_state(rt: Runtime, directory: Path) -> dict[str, Any] | None:
-    meta = None
-    if rt.is_main and (directory / SHARDED_META_FILE).is_file():
-        meta = json.loads((directory / SHARDED_META_FILE).read_text())
-    meta = rt.broadcast(meta)
-    if meta is not None:
-        rt.accelerator.load_state(str(directory))
-    return meta
+    return load_sharded_state(rt, directory)
 
 
 def _save_state(
@@ -426,6 +412,4 @@ def _save_state(
         "history": history,
         "step": step,
     }
-    file.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(file) as tmp:
-        torch.save(payload, tmp)
+    save_state(file, payload)

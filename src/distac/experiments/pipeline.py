@@ -7,6 +7,9 @@ Stages, each cached in the run directory so an interrupted run resumes where it 
 3. ``merges/<scenario>/<variant>/<method>.json``: merge + coefficient search + test metrics;
 4. ``results.json``, ``table1.md`` and plots.
 
+The long stages (fine-tuning, conditioning) also checkpoint mid-run under ``work/`` and continue
+from there, ending with the same weights as an uninterrupted run.
+
 Scenarios (Table 1 of the paper): ``original`` (every source from the base recipe),
 ``norm_mismatch`` (one source fine-tuned with a 10x learning rate, averaged over the tasks in
 ``long_tasks``), ``low_confidence`` (every source trained with label smoothing 0.1); further
@@ -117,7 +120,9 @@ class ExperimentRunner:
         self.echo(f"fine-tuning {task} [{recipe}] lr={config.lr:g} loss={config.loss.kind} steps={config.steps}")
         model = build_model(self.spec_for(task), pretrained=True)
         start = time.perf_counter()
-        result = finetune(model, self.task_data(task), config)
+        result = finetune(
+            model, self.task_data(task), config, work_dir=self.run_dir / "work" / "sources" / recipe / task
+        )
         record = {
             "recipe": recipe,
             "task": task,

@@ -112,9 +112,9 @@ def resolve_matrix_rule(rule: MatrixRule, parameter: str = "matrix_keys") -> tup
     if callable(rule):
         return rule, f"custom:{getattr(rule, '__name__', type(rule).__name__)}"
     if isinstance(rule, Collection):
-        names = frozenset(rule)
-        if not all(isinstance(n, str) for n in names):
+        if not all(isinstance(n, str) for n in rule):  # checked before hashing: [["a"]] is unhashable
             raise MergeConfigError(f"{parameter}: an explicit key collection must contain strings only")
+        names = frozenset(rule)
 
         def in_collection(key: str, tensor: torch.Tensor) -> bool:
             return key in names and tensor.ndim == 2

@@ -5,13 +5,20 @@ that create harmful sources: a 10x learning rate (long task vector), and the los
 :mod:`distac.training.losses` (label smoothing, mixup, focal loss: low confidence).
 For CLIP only the image encoder trains (its zero-shot head is frozen); for other models the
 backbone and the task head train together.
+
+Given a ``work_dir``, the loop saves its state there every ``checkpoint_every`` steps (model,
+optimizer, schedule, data order, random generators, losses): an interrupted run resumes from it and
+ends with the same weights as a straight run (:mod:`distac.resume`).
 """
 
 from __future__ import annotations
 
 import copy
+import logging
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,9 +29,25 @@ from torch import nn
 from distac.config import build_dataclass, check_device_option, check_option, check_type_option
 from distac.data import TaskData
 from distac.distributed import Runtime, runtime
+from distac.errors import CheckpointError
 from distac.models.base import ClassifierModel, move_inputs
 from distac.models.inference import predict_logits
+from distac.resume import (
+    load_sharded_state,
+    load_state,
+    restore_rng_states,
+    rng_states,
+    save_sharded_state,
+    save_state,
+)
 from distac.training.losses import LossConfig, build_loss, cross_entropy, mixup_pairs
+
+log = logging.getLogger("distac.training")
+
+STATE_FILE = "finetune_state.pt"
+SHARDED_STATE_DIR = "finetune_state_fsdp"  # FSDP runs: accelerate's sharded checkpoint
+# options a resumed run may change: they do not change the weights it ends with
+_RESUME_FREE_OPTIONS = ("device", "checkpoint_every")
 
 
 @dataclass
@@ -43,6 +66,7 @@ class FinetuneConfig:
     max_train_examples: int | None = None
     eval_every: int | None = None
     eval_examples: int = 200
+    checkpoint_every: int | None = 100  # with a work_dir: save the resume state every N steps (0/None: never)
 
     def __post_init__(self) -> None:
         if isinstance(self.loss, dict):
@@ -61,6 +85,7 @@ class FinetuneConfig:
         check_option(f, "max_train_examples", self.max_train_examples, low=1, integer=True, optional=True)
         check_option(f, "eval_every", self.eval_every, low=0, integer=True, optional=True)
         check_option(f, "eval_examples", self.eval_examples, low=1, integer=True)
+        check_option(f, "checkpoint_every", self.checkpoint_every, low=0, integer=True, optional=True)
         check_type_option(f, "mixed_precision", self.mixed_precision, bool)
         check_device_option(f, "device", self.device)
 
@@ -129,9 +154,18 @@ class _TrainForward(nn.Module):
 
 
 def finetune(
-    model: ClassifierModel, task: TaskData, config: FinetuneConfig, *, progress: bool = True
+    model: ClassifierModel,
+    task: TaskData,
+    config: FinetuneConfig,
+    *,
+    work_dir: str | Path | None = None,
+    progress: bool = True,
 ) -> FinetuneResult:
     """Train ``model`` in place on ``task.train``; deterministic for a given seed on CPU.
+
+    With ``work_dir`` the run saves its state there every ``config.checkpoint_every`` steps and
+    resumes from it if it is there (the same weights as a straight run); the state is deleted at
+    the end. Only the main process writes it (under FSDP every process writes its shards).
 
     Under ``accelerate launch`` each process trains on its slice of the same global batch and DDP
     averages the gradients, so the result matches a single-process run for models without dropout
@@ -156,19 +190,54 @@ def finetune(
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     warmup = config.warmup_steps if config.warmup_steps is not None else int(config.warmup_ratio * config.steps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, config.steps)
-    net, optimizer = rt.prepare(net, optimizer)
     loss_fn = build_loss(config.loss)
     labels_all = torch.as_tensor(train.labels)
     rng = np.random.default_rng(config.seed)
     order: list[int] = []
     losses: list[float] = []
     evaluations: list[dict[str, float]] = []
+    start_step, seconds_before = 0, 0.0
+    resume_config = _resume_config(config)
+
+    def restore(loop: dict[str, Any], file: Path) -> None:
+        nonlocal order, losses, evaluations, start_step, seconds_before
+        if loop["config"] != resume_config:
+            changed = sorted(k for k in resume_config if loop["config"].get(k) != resume_config[k])
+            raise CheckpointError(
+                f"{file} was saved by a fine-tuning run with other options ({', '.join(changed)}): "
+                "rerun with the same options, or delete it to start over"
+            )
+        rng.bit_generator.state = loop["numpy_rng"]
+        generator.set_state(torch.tensor(loop["mixup_rng"], dtype=torch.uint8))
+        order = [int(i) for i in loop["order"]]
+        losses = [float(x) for x in loop["losses"]]
+        evaluations = [dict(e) for e in loop["evaluations"]]
+        start_step, seconds_before = int(loop["step"]), float(loop["seconds"])
+
+    state_file = Path(work_dir) / STATE_FILE if work_dir is not None else None
+    sharded_dir = state_file.parent / SHARDED_STATE_DIR if state_file is not None else None
+    if state_file is not None and not rt.sharded:
+        saved = load_state(rt, state_file, device)
+        if saved is not None:
+            restore(saved["loop"], state_file)
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            restore_rng_states(rt, saved["rng"])
+    net, optimizer = rt.prepare(net, optimizer)
+    if rt.sharded and sharded_dir is not None:
+        rt.accelerator.register_for_checkpointing(scheduler)
+        meta = load_sharded_state(rt, sharded_dir)  # model, optimizer, scheduler and generators
+        if meta is not None:
+            restore(meta, sharded_dir)
+    if start_step and rt.is_main:
+        log.info("fine-tune %s: resuming from step %d of %d (%s)", task.name, start_step, config.steps, work_dir)
     autocast = config.mixed_precision and device.type == "cuda"
     mixup = config.loss.kind == "mixup"
     start = time.perf_counter()
     with progress_bar(f"fine-tune {task.name}", config.steps, progress and rt.is_main) as bar:
-        job = bar.add_task("train", total=config.steps, status="")
-        for step in range(config.steps):
+        job = bar.add_task("train", total=config.steps, completed=start_step, status="")
+        for step in range(start_step, config.steps):
             if len(order) < config.batch_size:
                 order.extend(rng.permutation(len(train)).tolist())
             index, order = np.asarray(order[: config.batch_size]), order[config.batch_size :]
@@ -204,16 +273,62 @@ def finetune(
             optimizer.step()
             scheduler.step()
             losses.append(rt.sum(loss.detach().double() * (len(own) / len(index))))
-            if config.eval_every and (step + 1) % config.eval_every == 0:
-                evaluations.append({"step": step + 1, **_validation_accuracy(rt, net, task, config, device)})
+            done = step + 1
+            if config.eval_every and done % config.eval_every == 0:
+                evaluations.append({"step": done, **_validation_accuracy(rt, net, task, config, device)})
+            checkpoint = bool(config.checkpoint_every) and done % config.checkpoint_every == 0
+            if state_file is not None and checkpoint and done < config.steps:
+                loop = {
+                    "step": done,
+                    "config": resume_config,
+                    "losses": losses,
+                    "evaluations": evaluations,
+                    "order": order,
+                    "numpy_rng": rng.bit_generator.state,
+                    "mixup_rng": generator.get_state().tolist(),
+                    "seconds": seconds_before + time.perf_counter() - start,
+                }
+                if rt.sharded:
+                    save_sharded_state(rt, sharded_dir, loop)  # collective
+                else:
+                    generators = rng_states(rt)  # collective
+                    if rt.is_main:
+                        _save_state(state_file, model, optimizer, scheduler, generators, loop)
             bar.update(job, advance=1, status=f"loss {losses[-1]:.3f}")
     if rt.sharded:
         state = rt.full_state_dict(net)  # collective; complete on the main process
         if state:
             model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
     rt.barrier()
+    if state_file is not None and rt.is_main:
+        state_file.unlink(missing_ok=True)
+        if rt.sharded:
+            shutil.rmtree(sharded_dir, ignore_errors=True)
     model.eval()
-    return FinetuneResult(losses, evaluations, time.perf_counter() - start, config.steps)
+    return FinetuneResult(losses, evaluations, seconds_before + time.perf_counter() - start, config.steps)
+
+
+def _resume_config(config: FinetuneConfig) -> dict[str, Any]:
+    """The options a resume state must have been saved with (those that change the result)."""
+    return {k: v for k, v in asdict(config).items() if k not in _RESUME_FREE_OPTIONS}
+
+
+def _save_state(
+    file: Path,
+    model: ClassifierModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    generators: dict[str, torch.Tensor],
+    loop: dict[str, Any],
+) -> None:
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": generators,
+        "loop": loop,
+    }
+    save_state(file, payload)
 
 
 def _validation_accuracy(

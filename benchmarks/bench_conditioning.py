@@ -1,0 +1,170 @@
+"""Cost of DisTaC conditioning: time per step with cached teacher logits vs the teacher run on-line
+(the straightforward implementation, as in the released code), and with bf16 autocast on CUDA.
+
+The source is the REAL all-MiniLM-L6-v2 fine-tuned for a few steps on real SST-2 (a quick source:
+only speed is measured here, accuracy numbers are not reported). Every variant conditions the same
+source with the same seed for ``--steps`` steps; the table reports wall time per step (excluding
+the one-off teacher pass, reported separately), the resulting speed-up, and peak memory (RSS on
+CPU, peak allocated on CUDA). Variants run one after another in this process.
+
+    PYTHONPATH=src python benchmarks/bench_conditioning.py                      # CPU
+    PYTHONPATH=src python benchmarks/bench_conditioning.py --device cuda --batch-size 128 --steps 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distac.conditioning.distac import ConditionConfig, condition
+from distac.data import load_task
+from distac.environment import environment_record
+from distac.models import ModelSpec, build_model
+from distac.training.finetune import FinetuneConfig, finetune
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--unlabeled", type=int, default=640)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--output", default=str(RESULTS / "conditioning_{device}"))
+    args = parser.parse_args()
+    start = time.perf_counter()
+    torch.manual_seed(args.seed)
+
+    task = load_task("sst2", args.data_root).limit(train=args.unlabeled, validation=64, test=64, seed=args.seed)
+    spec = ModelSpec(
+        "hf-text",
+        "all-MiniLM-L6-v2",
+        task.num_classes,
+        task=task.name,
+        class_names=task.class_names,
+        options={"max_length": args.max_length},
+    )
+    teacher = build_model(spec)
+    selector = teacher.task_vector_selector()
+    pretrained = {k: v.detach().clone() for k, v in teacher.state_dict().items() if selector(k, v)}
+    finetune(teacher, task, FinetuneConfig(steps=10, lr=1e-4, batch_size=16, device=args.device), progress=False)
+
+    base = ConditionConfig(
+        kappa=0.5,
+        steps=args.steps,
+        lr=1e-5,
+        batch_size=args.batch_size,
+        num_unlabeled=args.unlabeled,
+        log_every=args.steps,
+        eval_examples=32,
+        checkpoint_every=None,
+        device=args.device,
+        seed=args.seed,
+    )
+    variants: list[tuple[str, ConditionConfig]] = [
+        ("teacher on-line (straightforward)", replace(base, cache_teacher_logits=False)),
+        ("cached teacher logits (default)", base),
+    ]
+    if args.device.startswith("cuda"):
+        variants += [
+            ("teacher on-line + bf16", replace(base, cache_teacher_logits=False, mixed_precision=True)),
+            ("cached teacher logits + bf16", replace(base, mixed_precision=True)),
+        ]
+    rows: list[dict[str, Any]] = []
+    for label, config in variants:
+        if torch.cuda.is_available() and args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        result = condition(teacher, pretrained, task, config, progress=False)
+        total = time.perf_counter() - t0
+        loop = result.seconds  # the distillation loop only: starts after the teacher-logit cache is built
+        rows.append(
+            {
+                "variant": label,
+                "cache_teacher_logits": config.cache_teacher_logits,
+                "mixed_precision": config.mixed_precision,
+                "steps": config.steps,
+                "batch_size": config.batch_size,
+                "total_seconds": total,
+                "seconds_per_step": loop / config.steps,
+                "final_kl": result.history[-1].get("kl"),
+                "peak_memory_gib": _peak_memory(args.device),
+            }
+        )
+        print(f"{label:<40} {loop / config.steps:.3f} s/step  total {total:.1f} s", flush=True)
+    reference = rows[0]["seconds_per_step"]
+    for row in rows:
+        row["speedup_vs_online"] = reference / row["seconds_per_step"]
+    record = {
+        "benchmark": "conditioning",
+        "source": "all-MiniLM-L6-v2 fine-tuned 10 steps on SST-2 (speed only)",
+        "args": vars(args),
+        "rows": rows,
+        "environment": environment_record(),
+        "load_average_end": list(os.getloadavg()),
+        "wall_seconds": time.perf_counter() - start,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "platform": platform.platform(),
+    }
+    output = Path(args.output.format(device=args.device.split(":")[0]))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    output.with_suffix(".md").write_text(_markdown(record))
+    print(f"wrote {output.with_suffix('.json')} and .md")
+
+
+def _peak_memory(device: str) -> float:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (process peak so far)
+
+
+def _markdown(record: dict[str, Any]) -> str:
+    env = record["environment"]
+    args = record["args"]
+    lines = [
+        f"# Conditioning cost ({args['device']})",
+        "",
+        f"DisTaC on {record['source']}: {args['steps']} steps, batch {args['batch_size']}, max length "
+        f"{args['max_length']}, {args['unlabeled']} unlabeled inputs. Time per step excludes the one-off "
+        "teacher pass of the cached variants (included in total).",
+        "",
+        "| variant | s / step | speed-up vs on-line | total (s) | peak memory (GiB) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in record["rows"]:
+        lines.append(
+            f"| {row['variant']} | {row['seconds_per_step']:.3f} | {row['speedup_vs_online']:.2f}x | "
+            f"{row['total_seconds']:.1f} | {row['peak_memory_gib']:.2f} |"
+        )
+    lines += [
+        "",
+        "Peak memory on CPU is the process high-water mark so far (it never decreases between variants).",
+        "",
+        f"Machine: {env['machine']}, {env['cpu_count']} CPUs, torch threads {env['torch_threads']}, CUDA "
+        f"{env['cuda']}; torch {env['torch']}, transformers {env['transformers']}, distac {env['distac']}; "
+        f"seed {args['seed']}; load average at the end {record['load_average_end']}; "
+        f"wall time {record['wall_seconds']:.0f} s.",
+        "",
+        f"Reproduce: `PYTHONPATH=src {record['command']}`",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
