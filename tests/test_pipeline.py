@@ -51,6 +51,10 @@ def test_pipeline_runs_every_scenario_and_resumes(
     norms_plain, norms_distac = nm["plain"]["norms"], nm["distac"]["norms"]
     assert norms_plain["sst2"] > norms_plain["trec"]
     assert norms_distac["sst2"] == pytest.approx(nm["kappas"]["sst2"] * norms_plain["sst2"], rel=0.25)
+    # every variant is normalized by the same individual (original fine-tuned) models: scoring merges
+    # must not leave merged weights in the shared source models
+    assert nm["distac"]["individual"]["test"] == nm["plain"]["individual"]["test"]
+    assert nm["scaling_alone"]["individual"]["test"] == nm["plain"]["individual"]["test"]
     for variant in ("plain", "distac"):
         for method in config.methods:
             entry = nm[variant][method]

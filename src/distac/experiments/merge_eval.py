@@ -66,8 +66,17 @@ class TaskModelBank:
         model = self.models[task]
         state = backbone if backbone is not None else self._originals[task]
         model.load_state_dict({k: state[k] for k in self.keys}, strict=False)
-        data = self._split(task, split)
-        logits = predict_logits(model, data.inputs, batch_size=self.settings.batch_size, device=self.settings.device)
+        try:
+            data = self._split(task, split)
+            logits = predict_logits(
+                model, data.inputs, batch_size=self.settings.batch_size, device=self.settings.device
+            )
+        finally:
+            # Put the source's own weights back: callers share these model objects (another bank, task
+            # vectors computed from model.state_dict()), and a merged backbone left behind would
+            # silently become their "individual" model.
+            if backbone is not None:
+                model.load_state_dict(self._originals[task], strict=False)
         return compute_metrics(logits, torch.as_tensor(data.labels), metric=self.tasks[task].metric)
 
 
