@@ -91,6 +91,11 @@ class _TallBase(MergeMethod):
             raise MergeConfigError(f"use_ties must be True or False, got {use_ties!r}")
         self.use_ties = use_ties
         self.ties_density = float(check_number("ties_density", ties_density, low=0.0, high=1.0, low_inclusive=False))
+        self._set_hyperparameters(
+            lambda_t=self.lambda_t if isinstance(self.lambda_t, float) else dict(self.lambda_t),
+            use_ties=self.use_ties,
+            ties_density=self.ties_density,
+        )
 
     def _lambdas(self, task_names: Sequence[str]) -> list[float]:
         if not isinstance(self.lambda_t, dict):
@@ -129,11 +134,6 @@ class TallMasks(_TallBase):
         device: str | torch.device | None = None,
     ) -> None:
         super().__init__(lambda_t, use_ties, ties_density, device)
-        self._set_hyperparameters(
-            lambda_t=self.lambda_t if isinstance(self.lambda_t, float) else dict(self.lambda_t),
-            use_ties=self.use_ties,
-            ties_density=self.ties_density,
-        )
 
     @torch.no_grad()
     def merge(
@@ -182,12 +182,7 @@ class ConsensusTA(_TallBase):
     ) -> None:
         super().__init__(lambda_t, use_ties, ties_density, device)
         self.k = int(check_number("k", k, low=0, integer=True))
-        self._set_hyperparameters(
-            k=self.k,
-            lambda_t=self.lambda_t if isinstance(self.lambda_t, float) else dict(self.lambda_t),
-            use_ties=self.use_ties,
-            ties_density=self.ties_density,
-        )
+        self._set_hyperparameters(k=self.k)
 
     @torch.no_grad()
     def merge(
