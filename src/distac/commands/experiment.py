@@ -24,6 +24,9 @@ def register(app: typer.Typer) -> None:
         scenario: list[str] = typer.Option(
             [], "--scenario", help="Run only these scenarios (repeatable; default: all in the config)."
         ),
+        study: list[str] = typer.Option(
+            [], "--study", help="Run only these studies (repeatable; 'none' for none; default: all in the config)."
+        ),
         overrides: list[str] = SET_OPTION,
         data_root: Path | None = DATA_ROOT_OPTION,
         list_only: bool = typer.Option(False, "--list", help="List the bundled experiments and exit."),
@@ -39,14 +42,22 @@ def register(app: typer.Typer) -> None:
         config = load_experiment(name, overrides)
         run_dir = run_dir or Path("runs") / config.name
         runner = ExperimentRunner(config, run_dir, data_root=data_root, echo=console.print)
-        runner.run(scenario or None)
+        studies = None if not study else [s for s in study if s != "none"]
+        runner.run(scenario or None, studies)
         report = write_report(run_dir)
         console.print(report.read_text().split("\n\n")[1])
         if results_dir is not None:
             import shutil
 
             results_dir.mkdir(parents=True, exist_ok=True)
-            for file in ("results.json", "table1.md", "table1.png", "conditioning_history.png", "scale_curve.png"):
+            for file in (
+                "results.json",
+                "table1.md",
+                "table1.png",
+                "conditioning_history.png",
+                "scale_curve.png",
+                "label_smoothing_sweep.png",
+            ):
                 if (run_dir / file).is_file():
                     shutil.copyfile(run_dir / file, results_dir / file)
             console.print(f"results copied to {results_dir}")

@@ -39,6 +39,7 @@ from distac.checkpoints import StateDict
 from distac.conditioning.losses import distillation_loss
 from distac.config import check_choice_option, check_device_option, check_option, check_type_option
 from distac.data import TaskData
+from distac.data.corruption import CORRUPTIONS, corrupt_unlabeled
 from distac.distributed import Runtime, runtime
 from distac.errors import CheckpointError
 from distac.models.base import ClassifierModel, move_inputs
@@ -70,6 +71,10 @@ class ConditionConfig:
     grad_clip: float | None = 1.0
     schedule: str = "cosine"  # or "reference": linear warm-up over the whole run, as the released code
     num_unlabeled: int | None = None
+    #: degrade the unlabeled inputs (robustness study, paper Table 4): "blur" (images, sigma =
+    #: strength pixels) or "word_dropout" (text, drop probability = strength); see data.corruption
+    unlabeled_corruption: str | None = None
+    corruption_strength: float = 0.0
     cache_teacher_logits: bool = True
     log_every: int = 25
     eval_examples: int = 200
@@ -91,6 +96,9 @@ class ConditionConfig:
         check_option(c, "grad_clip", self.grad_clip, low=0.0, optional=True)
         check_choice_option(c, "schedule", self.schedule, ("cosine", "reference"))
         check_option(c, "num_unlabeled", self.num_unlabeled, low=1, integer=True, optional=True)
+        if self.unlabeled_corruption is not None:
+            check_choice_option(c, "unlabeled_corruption", self.unlabeled_corruption, CORRUPTIONS)
+        check_option(c, "corruption_strength", self.corruption_strength, low=0.0, high=100.0)
         check_option(c, "log_every", self.log_every, low=1, integer=True)
         check_option(c, "eval_examples", self.eval_examples, low=1, integer=True)
         check_option(c, "checkpoint_every", self.checkpoint_every, low=0, integer=True, optional=True)
@@ -171,6 +179,8 @@ def condition(
     unlabeled = task.unlabeled(config.num_unlabeled, seed=config.seed)
     if len(unlabeled) == 0:
         raise ValueError(f"{task.name}: no unlabeled inputs to distill on")
+    if config.unlabeled_corruption is not None:
+        unlabeled = corrupt_unlabeled(unlabeled, config.unlabeled_corruption, config.corruption_strength, config.seed)
     val = task.validation.subsample(config.eval_examples, seed=config.seed + 1)
     # FSDP shards modules in place: train a student that is then gathered into an unsharded copy.
     returned = copy.deepcopy(student) if rt.sharded else student

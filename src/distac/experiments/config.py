@@ -78,6 +78,13 @@ class ExperimentConfig:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    def condition_settings(self, scenario: str) -> dict[str, Any]:
+        """DisTaC settings for a scenario: shared ones, then the overrides for its name or its kind."""
+        spec = self.scenarios.get(scenario, {})
+        per = self.condition_per_scenario
+        override = per.get(scenario, per.get(scenario_kind(scenario, spec), {}))
+        return {"seed": self.seed, "device": self.device, **self.condition, **override}
+
     def coefficient_grid(self) -> list[float]:
         if self.grid is not None:
             return [float(x) for x in self.grid]
@@ -85,7 +92,30 @@ class ExperimentConfig:
 
 
 #: Keys a scenario may set (see ``Pipeline.run_scenario``).
-SCENARIO_KEYS = ("recipe", "long_recipe", "long_tasks", "condition", "kappa")
+SCENARIO_KEYS = ("recipe", "long_recipe", "long_tasks", "condition", "kappa", "kind", "methods")
+#: What a scenario is an instance of: it decides the conditioning temperatures and kappa rule.
+#: A scenario named after a kind needs no ``kind`` key; others (e.g. ``mixup``) must set it.
+SCENARIO_KINDS = ("original", "norm_mismatch", "low_confidence")
+#: Optional studies and the keys each accepts (see ``ExperimentRunner`` in pipeline.py).
+STUDY_KEYS: dict[str, tuple[str, ...]] = {
+    "scaling_alone": (),
+    "scale_curve": ("scales", "recipe"),
+    "label_smoothing_sweep": ("alphas", "methods"),
+    "unlabeled_data": ("long_task", "amounts", "corruptions", "methods"),
+}
+
+
+def scenario_kind(name: str, spec: dict[str, Any]) -> str:
+    """The kind of a scenario: its ``kind`` key, else its name if that is a kind, else inferred."""
+    if "kind" in spec:
+        return str(spec["kind"])
+    if name in SCENARIO_KINDS:
+        return name
+    if spec.get("long_recipe"):
+        return "norm_mismatch"
+    return "low_confidence" if spec.get("recipe", "base") != "base" else "original"
+
+
 LIMIT_KEYS = ("train", "validation", "test")
 
 
@@ -146,10 +176,16 @@ def validate_sections(config: ExperimentConfig) -> None:
             raise ConfigError(f"scenario {scenario!r}: kappa must be 'one' or 'shrink', got {spec['kappa']!r}")
         if "condition" in spec and not isinstance(spec["condition"], bool):
             raise ConfigError(f"scenario {scenario!r}: condition must be true/false, got {spec['condition']!r}")
-    for scenario in config.scenarios:  # condition_per_scenario may also cover scenarios a config leaves out
-        values = {"seed": config.seed, "device": config.device, **config.condition}
-        values.update(config.condition_per_scenario.get(scenario, {}))
-        build_dataclass(ConditionConfig, values, f"condition (scenario {scenario!r})")
+        for method in spec.get("methods") or []:
+            if method not in config.methods:
+                raise ConfigError(f"scenario {scenario!r}: method {method!r} is not in methods {config.methods}")
+        if "kind" in spec and spec["kind"] not in SCENARIO_KINDS:
+            raise ConfigError(
+                f"scenario {scenario!r}: kind must be one of {list(SCENARIO_KINDS)}, got {spec['kind']!r}"
+            )
+    for scenario in {*config.scenarios, *SCENARIO_KINDS}:
+        build_dataclass(ConditionConfig, config.condition_settings(scenario), f"condition (scenario {scenario!r})")
+    validate_studies(config)
 
     unknown = sorted((m for m in config.method_options if m not in config.methods), key=str)
     if unknown:
@@ -160,6 +196,37 @@ def validate_sections(config: ExperimentConfig) -> None:
     check_option("evaluation", "batch_size", settings.batch_size, low=1, integer=True)
     check_option("evaluation", "validation_examples", settings.validation_examples, low=1, integer=True, optional=True)
     check_option("evaluation", "test_examples", settings.test_examples, low=1, integer=True, optional=True)
+
+
+def validate_studies(config: ExperimentConfig) -> None:
+    from distac.data.corruption import CORRUPTIONS
+
+    for study, options in config.studies.items():
+        if study not in STUDY_KEYS:
+            raise ConfigError(f"studies: unknown study {study!r}; known {sorted(STUDY_KEYS)}")
+        options = options or {}
+        if not isinstance(options, dict):
+            raise ConfigError(f"studies.{study}: expected a mapping of options, got {options!r}")
+        unknown = sorted(k for k in options if k not in STUDY_KEYS[study])
+        if unknown:
+            raise ConfigError(f"studies.{study}: unknown key(s) {unknown}; valid: {list(STUDY_KEYS[study])}")
+        for method in options.get("methods") or []:
+            if method not in config.methods:
+                raise ConfigError(f"studies.{study}.methods: {method!r} is not in methods {config.methods}")
+        for i, alpha in enumerate(options.get("alphas") or []):
+            check_option(f"studies.{study}.alphas", str(i), alpha, low=0.0, high=1.0, high_inclusive=False)
+        for i, amount in enumerate(options.get("amounts") or []):
+            check_option(f"studies.{study}.amounts", str(i), amount, low=1, integer=True)
+        for i, corruption in enumerate(options.get("corruptions") or []):
+            if not isinstance(corruption, dict) or corruption.get("kind") not in CORRUPTIONS:
+                raise ConfigError(
+                    f"studies.{study}.corruptions[{i}]: expected {{kind: one of {list(CORRUPTIONS)}, strength: x}}, "
+                    f"got {corruption!r}"
+                )
+            check_option(f"studies.{study}.corruptions[{i}]", "strength", corruption.get("strength", 0.0), low=0.0)
+        long_task = options.get("long_task")
+        if long_task is not None and long_task not in config.tasks:
+            raise ConfigError(f"studies.{study}.long_task: {long_task!r} is not one of the tasks {config.tasks}")
 
 
 def resolve_config_path(name_or_path: str) -> Path:

@@ -32,7 +32,8 @@ from distac.atomic import atomic_write_json
 from distac.checkpoints import StateDict
 from distac.data import TaskData, load_task
 from distac.environment import environment_record
-from distac.experiments.config import ExperimentConfig
+from distac.errors import ConfigError
+from distac.experiments.config import ExperimentConfig, scenario_kind
 from distac.experiments.merge_eval import EvalSettings, TaskModelBank, evaluate_method, individual_scores
 from distac.models import ModelSpec, build_model, load_model, save_model
 from distac.models.base import ClassifierModel
@@ -55,6 +56,8 @@ class ExperimentRunner:
         self.echo = echo
         self._tasks: dict[str, TaskData] = {}
         self._pretrained: StateDict | None = None
+        #: the config's recipes plus the ones studies add (label-smoothing strengths)
+        self.recipes: dict[str, dict[str, Any]] = dict(config.recipes)
         self.timings: dict[str, float] = {}
         torch.manual_seed(config.seed)
 
@@ -98,7 +101,7 @@ class ExperimentRunner:
         from distac.training.losses import LossConfig
 
         base = dict(self.config.finetune)
-        spec = dict(self.config.recipes[recipe])
+        spec = dict(self.recipes[recipe])
         multiplier = float(spec.pop("lr_multiplier", 1.0))
         loss = spec.pop("loss", base.pop("loss", {"kind": "ce"}))
         values = {**base, **spec}
@@ -137,17 +140,29 @@ class ExperimentRunner:
         return load_model(path)
 
     # ------------------------------------------------------------------------------------ conditioning
-    def ensure_conditioned(self, scenario: str, recipe: str, task: str, kappa: float) -> Path:
+    def ensure_conditioned(
+        self,
+        scenario: str,
+        recipe: str,
+        task: str,
+        kappa: float,
+        *,
+        overrides: dict[str, Any] | None = None,
+        tag: str = "",
+    ) -> Path:
+        """The DisTaC-conditioned copy of source ``recipe/task`` under ``conditioned/<scenario>/``.
+
+        ``scenario`` picks the settings (temperatures) via ``condition_settings``; ``overrides``
+        and a ``tag`` naming them give study variants (less or corrupted unlabeled data).
+        """
         from distac.conditioning.distac import ConditionConfig, condition
 
-        out = self.run_dir / "conditioned" / scenario / f"{recipe}-{task}"
+        name = f"{recipe}-{task}" + (f"-{tag}" if tag else "")
+        out = self.run_dir / "conditioned" / scenario / name
         if (out / "distac_model.json").is_file():
             return out
-        values = {**self.config.condition, **self.config.condition_per_scenario.get(scenario, {})}
-        values.setdefault("seed", self.config.seed)
-        values.setdefault("device", self.config.device)
-        config = ConditionConfig(**values)
-        config = replace(config, kappa=kappa)
+        values = {**self.config.condition_settings(scenario), **(overrides or {})}
+        config = replace(ConditionConfig(**values), kappa=kappa)
         self.echo(
             f"conditioning {task} [{recipe}, {scenario}] kappa={kappa:.3f} "
             f"T_t={config.teacher_temperature} T_s={config.student_temperature} steps={config.steps}"
@@ -159,12 +174,13 @@ class ExperimentRunner:
             self.pretrained_backbone(),
             self.task_data(task),
             config,
-            work_dir=self.run_dir / "work" / scenario / f"{recipe}-{task}",
+            work_dir=self.run_dir / "work" / scenario / name,
         )
         record = {
             "scenario": scenario,
             "recipe": recipe,
             "task": task,
+            "tag": tag,
             "kappa": kappa,
             "seconds": time.perf_counter() - start,
             "config": _jsonable(config),
@@ -179,9 +195,14 @@ class ExperimentRunner:
         return EvalSettings(**values)
 
     def merge_all(
-        self, scenario_key: str, models: dict[str, ClassifierModel], individual_models: dict[str, ClassifierModel]
+        self,
+        scenario_key: str,
+        models: dict[str, ClassifierModel],
+        individual_models: dict[str, ClassifierModel],
+        methods: list[str] | None = None,
     ) -> dict[str, Any]:
-        """Run every method on these sources; normalized accuracy is relative to ``individual_models``."""
+        """Run every method (or ``methods``) on these sources; normalized accuracy is relative to
+        ``individual_models``. Each method's record is cached in ``merges/<scenario_key>/``."""
         out_dir = self.run_dir / "merges" / scenario_key
         tasks = {t: self.task_data(t) for t in models}
         settings = self.eval_settings()
@@ -218,7 +239,7 @@ class ExperimentRunner:
             coefficient=0.0,
         )
         results["pretrained"] = pretrained_eval.to_json()
-        for method in self.config.methods:
+        for method in methods or self.config.methods:
             file = out_dir / f"{method}.json"
             if file.is_file():
                 results[method] = json.loads(file.read_text())
@@ -255,31 +276,50 @@ class ExperimentRunner:
         spec = self.config.scenarios[scenario]
         recipe = spec.get("recipe", "base")
         tasks = self.config.tasks
-        if scenario == "norm_mismatch" or spec.get("long_recipe"):
+        if scenario_kind(scenario, spec) == "norm_mismatch":
             long_recipe = spec.get("long_recipe", "lr_x10")
             long_tasks = spec.get("long_tasks") or tasks
             per_choice = {}
             for long_task in long_tasks:
                 recipes = {t: (long_recipe if t == long_task else recipe) for t in tasks}
                 per_choice[long_task] = self._run_sources(
-                    scenario, f"{scenario}/long-{long_task}", recipes, condition_tasks=[long_task], kappa_rule="shrink"
+                    scenario,
+                    f"{scenario}/long-{long_task}",
+                    recipes,
+                    condition_tasks=[long_task],
+                    kappa_rule="shrink",
+                    methods=spec.get("methods"),
                 )
             return {"choices": per_choice, "average": _average_choices(per_choice)}
         recipes = {t: recipe for t in tasks}
-        condition_tasks = tasks if spec.get("condition", True) else []
+        condition_tasks = tasks if spec.get("condition", True) and scenario_kind(scenario, spec) != "original" else []
         return {
             "average": self._run_sources(
-                scenario, scenario, recipes, condition_tasks=condition_tasks, kappa_rule=spec.get("kappa", "one")
+                scenario,
+                scenario,
+                recipes,
+                condition_tasks=condition_tasks,
+                kappa_rule=spec.get("kappa", "one"),
+                methods=spec.get("methods"),
             )
         }
 
     def _run_sources(
-        self, scenario: str, key: str, recipes: dict[str, str], *, condition_tasks: list[str], kappa_rule: str
+        self,
+        scenario: str,
+        key: str,
+        recipes: dict[str, str],
+        *,
+        condition_tasks: list[str],
+        kappa_rule: str,
+        methods: list[str] | None = None,
     ) -> dict[str, Any]:
+        """Merge these sources as they are (``plain``), then with ``condition_tasks`` conditioned
+        (``distac``) and, for the shrink rule, with those sources only rescaled (``scaling_alone``)."""
         sources = {t: self.load(self.ensure_source(r, t)) for t, r in recipes.items()}
-        plain = self.merge_all(f"{key}/plain", sources, sources)
+        plain = self.merge_all(f"{key}/plain", sources, sources, methods)
         out: dict[str, Any] = {"plain": plain}
-        if scenario == "original" or not condition_tasks:
+        if not condition_tasks:
             return out
         norms = plain["norms"]
         conditioned = dict(sources)
@@ -288,7 +328,7 @@ class ExperimentRunner:
             kappa = self.kappa_for(norms, t) if kappa_rule == "shrink" else 1.0
             kappas[t] = kappa
             conditioned[t] = self.load(self.ensure_conditioned(scenario, recipes[t], t, kappa))
-        out["distac"] = self.merge_all(f"{key}/distac", conditioned, sources)
+        out["distac"] = self.merge_all(f"{key}/distac", conditioned, sources, methods)
         out["kappas"] = kappas
         if "scaling_alone" in self.config.studies and kappa_rule == "shrink":
             scaled = dict(sources)
@@ -301,7 +341,7 @@ class ExperimentRunner:
                     strict=False,
                 )
                 scaled[t] = model
-            out["scaling_alone"] = self.merge_all(f"{key}/scaled", scaled, sources)
+            out["scaling_alone"] = self.merge_all(f"{key}/scaled", scaled, sources, methods)
         return out
 
     # ------------------------------------------------------------------------------------ studies
@@ -334,8 +374,112 @@ class ExperimentRunner:
         atomic_write_json(file, record)
         return record
 
+    def smoothing_recipe(self, alpha: float) -> str:
+        """The recipe that fine-tunes with label smoothing ``alpha``: an existing one with exactly that
+        loss if the config has it (so its sources are reused), else a new ``label_smoothing_<alpha>``."""
+        if alpha == 0.0:
+            return "base"
+        wanted = {"loss": {"kind": "label_smoothing", "alpha": float(alpha)}}
+        for name, spec in self.recipes.items():
+            loss = spec.get("loss", {})
+            if set(spec) == {"loss"} and loss.get("kind") == "label_smoothing" and loss.get("alpha") == alpha:
+                return name
+        name = f"label_smoothing_{alpha:g}"
+        self.recipes[name] = wanted
+        return name
+
+    def label_smoothing_sweep(self, alphas: list[float] | None = None, methods: list[str] | None = None) -> dict:
+        """Figure 4 analog: merged accuracy, with and without DisTaC, against the label-smoothing
+        strength every source was fine-tuned with (alpha = 0 is the base recipe).
+
+        Sources are conditioned as in the low-confidence scenario (kappa = 1, T_s > T_t). A
+        low-confidence scenario with the same recipe shares its sources, conditioned models and
+        merge records.
+        """
+        alphas = [float(a) for a in (alphas if alphas is not None else [0.0, 0.05, 0.1, 0.2, 0.3])]
+        methods = methods or self.config.methods
+        points = []
+        for alpha in alphas:
+            recipe = self.smoothing_recipe(alpha)
+            key = next(
+                (
+                    name
+                    for name, spec in self.config.scenarios.items()
+                    if scenario_kind(name, spec) != "norm_mismatch" and spec.get("recipe", "base") == recipe
+                ),
+                f"label_smoothing_sweep/alpha-{alpha:g}",
+            )
+            self.echo(f"== label smoothing {alpha:g} [{recipe}]")
+            run = self._run_sources(
+                "low_confidence",
+                key,
+                {t: recipe for t in self.config.tasks},
+                condition_tasks=list(self.config.tasks),
+                kappa_rule="one",
+                methods=methods,
+            )
+            points.append({"alpha": alpha, "recipe": recipe, **_summary(run, methods)})
+        return {"alphas": alphas, "methods": methods, "points": points}
+
+    def unlabeled_data_study(
+        self,
+        long_task: str | None = None,
+        amounts: list[int] | None = None,
+        corruptions: list[dict[str, Any]] | None = None,
+        methods: list[str] | None = None,
+    ) -> dict[str, Any]:
+        """Tables 3-4 analog: how much, and how clean, must the unlabeled data be?
+
+        In the norm-mismatch setting (``long_task`` tuned with the long recipe) the long source is
+        conditioned on the default unlabeled set, on only ``amounts`` inputs, and on corrupted
+        inputs (blurred images / word dropout for text), then merged with ``methods``.
+        """
+        name, spec = next(
+            ((n, s) for n, s in self.config.scenarios.items() if scenario_kind(n, s) == "norm_mismatch"),
+            ("norm_mismatch", {"recipe": "base", "long_recipe": "lr_x10"}),
+        )
+        recipe, long_recipe = spec.get("recipe", "base"), spec.get("long_recipe", "lr_x10")
+        long_task = long_task or (spec.get("long_tasks") or self.config.tasks)[0]
+        methods = methods or self.config.methods
+        recipes = {t: (long_recipe if t == long_task else recipe) for t in self.config.tasks}
+        sources = {t: self.load(self.ensure_source(r, t)) for t, r in recipes.items()}
+        key = f"{name}/long-{long_task}"
+        plain = self.merge_all(f"{key}/plain", sources, sources, methods)
+        kappa = self.kappa_for(plain["norms"], long_task)
+        default_amount = self.config.condition.get("num_unlabeled") or len(self.task_data(long_task).train)
+        variants: list[tuple[str, dict[str, Any], dict[str, Any]]] = [("", {}, {"num_unlabeled": default_amount})]
+        for amount in amounts or []:
+            if int(amount) != default_amount:
+                variants.append((f"n{int(amount)}", {"num_unlabeled": int(amount)}, {"num_unlabeled": int(amount)}))
+        for corruption in corruptions or []:
+            kind, strength = corruption["kind"], float(corruption.get("strength", 0.0))
+            overrides = {"unlabeled_corruption": kind, "corruption_strength": strength}
+            variants.append((f"{kind}{strength:g}", overrides, {"num_unlabeled": default_amount, **overrides}))
+        rows = [{"variant": "no conditioning", "merges": _method_scores(plain, methods)}]
+        for tag, overrides, described in variants:
+            path = self.ensure_conditioned(name, long_recipe, long_task, kappa, overrides=overrides, tag=tag)
+            conditioned = {**sources, long_task: self.load(path)}
+            merged = self.merge_all(f"{key}/distac{'-' + tag if tag else ''}", conditioned, sources, methods)
+            history = json.loads((path / "condition.json").read_text()).get("history", [])
+            final = next((h for h in reversed(history) if isinstance(h, dict) and "val_accuracy" in h), {})
+            rows.append(
+                {
+                    "variant": tag or "default",
+                    **described,
+                    "conditioned_val_accuracy": final.get("val_accuracy"),
+                    "merges": _method_scores(merged, methods),
+                }
+            )
+        return {"long_task": long_task, "kappa": kappa, "methods": methods, "rows": rows}
+
     # ------------------------------------------------------------------------------------ all
-    def run(self, scenarios: list[str] | None = None) -> dict[str, Any]:
+    def run(self, scenarios: list[str] | None = None, studies: list[str] | None = None) -> dict[str, Any]:
+        """Run ``scenarios`` (default: all in the config), then ``studies`` (default: all; ``[]``: none)."""
+        selections = (("--scenario", scenarios, self.config.scenarios), ("--study", studies, self.config.studies))
+        for flag, asked, known in selections:
+            unknown = sorted(set(asked or []) - set(known))
+            if unknown:
+                raise ConfigError(f"{flag} {unknown}: not in experiment {self.config.name!r} ({sorted(known)})")
         start = time.perf_counter()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.run_dir / "config.json", self.config.to_json())
@@ -349,10 +493,22 @@ class ExperimentRunner:
             self.echo(f"== scenario {scenario}")
             results["scenarios"][scenario] = self.run_scenario(scenario)
             atomic_write_json(self.run_dir / "results.json", results)
-        if "scale_curve" in self.config.studies:
-            options = dict(self.config.studies["scale_curve"] or {})
-            self.echo("== study scale_curve")
-            results["studies"] = {"scale_curve": self.scale_curve(options.get("scales"), options.get("recipe", "base"))}
+        studies: dict[str, Any] = {}
+        for study, options in self.config.studies.items():
+            if studies is not None and study not in studies:
+                continue
+            options = dict(options or {})
+            if study == "scaling_alone":  # part of the norm-mismatch scenario runs
+                continue
+            self.echo(f"== study {study}")
+            if study == "scale_curve":
+                studies[study] = self.scale_curve(options.get("scales"), options.get("recipe", "base"))
+            elif study == "label_smoothing_sweep":
+                studies[study] = self.label_smoothing_sweep(options.get("alphas"), options.get("methods"))
+            elif study == "unlabeled_data":
+                studies[study] = self.unlabeled_data_study(**options)
+            results["studies"] = studies
+            atomic_write_json(self.run_dir / "results.json", results)
         results["wall_seconds"] = time.perf_counter() - start
         atomic_write_json(self.run_dir / "results.json", results)
         return results
@@ -361,6 +517,22 @@ class ExperimentRunner:
 def _mean(values: Any) -> float:
     values = list(values)
     return sum(values) / len(values) if values else float("nan")
+
+
+def _method_scores(block: dict[str, Any], methods: list[str]) -> dict[str, dict[str, float]]:
+    return {m: {"absolute": block[m]["absolute"], "normalized": block[m]["normalized"]} for m in methods}
+
+
+def _summary(run: dict[str, Any], methods: list[str]) -> dict[str, Any]:
+    """Absolute / normalized test score per method of a ``_run_sources`` result, plus the sources'
+    mean test entropy (the confidence the merge starts from)."""
+    out: dict[str, Any] = {v: _method_scores(run[v], methods) for v in ("plain", "distac") if v in run}
+    individual = run["plain"]["individual"] if "plain" in run else None
+    if individual:
+        out["individual"] = individual["absolute"]
+        out["source_entropy"] = _mean(m.get("entropy", float("nan")) for m in individual["test"].values())
+        out["source_ece"] = _mean(m.get("ece", float("nan")) for m in individual["test"].values())
+    return out
 
 
 def _average_choices(per_choice: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -103,14 +103,92 @@ def write_report(run_dir: str | Path) -> Path:
             for variant in ("plain", "distac"):
                 if variant in block["average"]:
                     parts.append(per_task_markdown(block["average"][variant], f"{scenario}, {variant}"))
+    studies = results.get("studies", {})
+    if studies.get("label_smoothing_sweep"):
+        parts.append(smoothing_sweep_markdown(studies["label_smoothing_sweep"]))
+    if studies.get("unlabeled_data"):
+        parts.append(unlabeled_data_markdown(studies["unlabeled_data"]))
     path = run_dir / "table1.md"
     atomic_write_text(path, "\n".join(parts))
     plot_table1(results, run_dir / "table1.png")
-    plot_condition_histories(run_dir, run_dir / "conditioning_history.png")
-    curve = results.get("studies", {}).get("scale_curve")
+    plot_condition_histories(run_dir, run_dir / "conditioning_history.png", _scenario_recipes(results))
+    curve = studies.get("scale_curve")
     if curve:
         plot_scale_curve(curve, run_dir / "scale_curve.png")
+    if studies.get("label_smoothing_sweep"):
+        plot_smoothing_sweep(studies["label_smoothing_sweep"], run_dir / "label_smoothing_sweep.png")
     return path
+
+
+def smoothing_sweep_markdown(sweep: dict[str, Any]) -> str:
+    """Figure 4 analog as a table: one row per label-smoothing strength."""
+    methods = sweep["methods"]
+    head = " | ".join(f"{METHOD_LABELS.get(m, m)} | + DisTaC" for m in methods)
+    lines = [
+        "### Merged accuracy vs label-smoothing strength (Figure 4 analog), absolute (normalized) %",
+        "",
+        f"| alpha | source entropy | source ECE | {head} |",
+        "|---:|---:|---:|" + "---|---|" * len(methods),
+    ]
+    for point in sweep["points"]:
+        cells = " | ".join(
+            f"{_cell(point.get('plain', {}).get(m))} | {_cell(point.get('distac', {}).get(m))}" for m in methods
+        )
+        lines.append(
+            f"| {point['alpha']:g} | {point.get('source_entropy', float('nan')):.3f} | "
+            f"{point.get('source_ece', float('nan')):.3f} | {cells} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def unlabeled_data_markdown(study: dict[str, Any]) -> str:
+    """Tables 3-4 analog: the long source conditioned on less, or corrupted, unlabeled data."""
+    methods = study["methods"]
+    lines = [
+        f"### Unlabeled data for conditioning the long source `{study['long_task']}` "
+        f"(κ = {study['kappa']:.3f}; Tables 3-4 analog), absolute (normalized) %",
+        "",
+        "| variant | unlabeled inputs | corruption | conditioned val acc | "
+        + " | ".join(METHOD_LABELS.get(m, m) for m in methods)
+        + " |",
+        "|---|---:|---|---:|" + "---|" * len(methods),
+    ]
+    for row in study["rows"]:
+        corruption = (
+            f"{row['unlabeled_corruption']} {row['corruption_strength']:g}" if row.get("unlabeled_corruption") else "-"
+        )
+        accuracy = row.get("conditioned_val_accuracy")
+        lines.append(
+            f"| {row['variant']} | {row.get('num_unlabeled', '-')} | {corruption} | "
+            f"{'-' if accuracy is None else f'{accuracy:.3f}'} | "
+            + " | ".join(_cell(row["merges"].get(m)) for m in methods)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_smoothing_sweep(sweep: dict[str, Any], path: Path) -> None:
+    """Figure 4 analog: merged absolute score against label-smoothing alpha, with and without DisTaC."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    alphas = [p["alpha"] for p in sweep["points"]]
+    for i, method in enumerate(sweep["methods"]):
+        color = f"C{i}"
+        label = METHOD_LABELS.get(method, method)
+        for variant, style, suffix in (("plain", "--", ""), ("distac", "-", " + DisTaC")):
+            ys = [100 * p[variant][method]["absolute"] if variant in p else float("nan") for p in sweep["points"]]
+            ax.plot(alphas, ys, style, marker="o", color=color, label=label + suffix)
+    ax.set_xlabel("label smoothing alpha of every source")
+    ax.set_ylabel("merged test score (%)")
+    ax.set_title("merge vs source confidence")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
 
 
 def plot_scale_curve(curve: dict[str, Any], path: Path) -> None:
@@ -165,10 +243,24 @@ def plot_table1(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_condition_histories(run_dir: Path, path: Path) -> bool:
-    """Figure 2 analog: accuracy, relative task-vector norm and entropy over conditioning steps."""
-    files = sorted((run_dir / "conditioned").glob("*/*/condition.json"))
-    if not files:
+def _scenario_recipes(results: dict[str, Any]) -> dict[str, set[str]]:
+    """scenario -> the recipes its conditioned sources come from (studies add others)."""
+    out: dict[str, set[str]] = {}
+    for name, spec in results["config"]["scenarios"].items():
+        out[name] = {spec.get("recipe", "base"), *([spec["long_recipe"]] if spec.get("long_recipe") else [])}
+    return out
+
+
+def plot_condition_histories(run_dir: Path, path: Path, scenarios: dict[str, set[str]] | None = None) -> bool:
+    """Figure 2 analog: accuracy, relative task-vector norm and entropy over conditioning steps.
+
+    With ``scenarios`` (name -> recipes), only the scenarios' own runs are drawn, not study variants."""
+    records = [json.loads(f.read_text()) for f in sorted((run_dir / "conditioned").glob("*/*/condition.json"))]
+    if scenarios is not None:
+        records = [
+            r for r in records if not r.get("tag") and r.get("recipe") in scenarios.get(r.get("scenario", ""), set())
+        ]
+    if not records:
         return False
     import matplotlib
 
@@ -176,8 +268,7 @@ def plot_condition_histories(run_dir: Path, path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for file in files:
-        record = json.loads(file.read_text())
+    for record in records:
         history = [h for h in record.get("history", []) if isinstance(h, dict)]
         label = f"{record['scenario']}:{record['task']}"
         steps = [h.get("step", i) for i, h in enumerate(history)]

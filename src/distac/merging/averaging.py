@@ -12,12 +12,11 @@ Non-matrix parameters: every key (biases, norms, embeddings) is averaged the sam
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
 
-from distac.merging.base import MergeMethod, MergeResult, StateDict
+from distac.merging.base import MergeInputs, MergeMethod, MergeResult
 from distac.merging.task_arithmetic import sum_key
 
 
@@ -28,14 +27,6 @@ class SimpleAverage(MergeMethod):
     def __init__(self, *, device: str | torch.device | None = None) -> None:
         super().__init__(device=device)
 
-    @torch.no_grad()
-    def merge(
-        self,
-        task_vectors: Sequence[StateDict],
-        *,
-        task_names: Sequence[str] | None = None,
-        pretrained: StateDict | None = None,
-    ) -> MergeResult:
-        inputs = self._inputs(task_vectors, task_names, pretrained)
+    def _merge(self, inputs: MergeInputs) -> MergeResult:
         merged = {key: inputs.output(key, sum_key(inputs, key) / inputs.num_tasks) for key in inputs.keys}
         return MergeResult(task_vector=merged, info=self._info(inputs))

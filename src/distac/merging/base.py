@@ -303,9 +303,10 @@ class MergeMethod(ABC):
     ``__init__`` (raising :class:`MergeConfigError`) and record them with :meth:`_set_hyperparameters`.
 
     ``device`` (every method) is where the maths runs; ``None`` means on the device of each task
-    vector tensor. Results always come back on the device of the inputs. Implementations run
-    ``merge`` under ``torch.no_grad()``: task vectors taken from parameters may require grad, and a
-    merge must not build (and keep alive) an autograd graph over T models.
+    vector tensor. Results always come back on the device of the inputs. Subclasses implement
+    ``_merge`` on validated inputs; ``merge`` validates and runs it under ``torch.no_grad()``: task
+    vectors taken from parameters may require grad, and a merge must not build (and keep alive) an
+    autograd graph over T models.
     """
 
     name: ClassVar[str]
@@ -324,7 +325,7 @@ class MergeMethod(ABC):
         """The hyperparameters in effect, JSON-serialisable."""
         return dict(self._hyperparameters)
 
-    @abstractmethod
+    @torch.no_grad()
     def merge(
         self,
         task_vectors: Sequence[StateDict],
@@ -332,7 +333,13 @@ class MergeMethod(ABC):
         task_names: Sequence[str] | None = None,
         pretrained: StateDict | None = None,
     ) -> MergeResult:
-        """Merge the task vectors; see the module docstring of each method."""
+        """Merge the task vectors: validate them (same keys, shapes, finite values; see
+        :func:`validate_task_vectors`), then run the method's :meth:`_merge`."""
+        return self._merge(self._inputs(task_vectors, task_names, pretrained))
+
+    @abstractmethod
+    def _merge(self, inputs: MergeInputs) -> MergeResult:
+        """The method itself, on validated inputs; see the module docstring of each method."""
 
     # helpers for subclasses -----------------------------------------------------------------------
     def _inputs(

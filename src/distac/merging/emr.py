@@ -29,12 +29,11 @@ definition because eps > 0 wherever some task agrees with gamma.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
 
-from distac.merging.base import MergeMethod, MergeResult, StateDict
+from distac.merging.base import MergeInputs, MergeMethod, MergeResult, StateDict
 
 
 class EMR(MergeMethod):
@@ -45,15 +44,7 @@ class EMR(MergeMethod):
     def __init__(self, *, device: str | torch.device | None = None) -> None:
         super().__init__(device=device)
 
-    @torch.no_grad()
-    def merge(
-        self,
-        task_vectors: Sequence[StateDict],
-        *,
-        task_names: Sequence[str] | None = None,
-        pretrained: StateDict | None = None,
-    ) -> MergeResult:
-        inputs = self._inputs(task_vectors, task_names, pretrained)
+    def _merge(self, inputs: MergeInputs) -> MergeResult:
         num_tasks = inputs.num_tasks
         unified: dict[str, torch.Tensor] = {}
         numerator = [0.0] * num_tasks

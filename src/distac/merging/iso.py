@@ -35,7 +35,6 @@ Neither method reproduces a single task vector (its spectrum is flattened).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
@@ -101,15 +100,7 @@ class _IsoBase(MergeMethod):
         """Per-shape diagnostics for ``info`` (subspace sizes)."""
         return {"rank": min(rows, cols)}
 
-    @torch.no_grad()
-    def merge(
-        self,
-        task_vectors: Sequence[StateDict],
-        *,
-        task_names: Sequence[str] | None = None,
-        pretrained: StateDict | None = None,
-    ) -> MergeResult:
-        inputs = self._inputs(task_vectors, task_names, pretrained)
+    def _merge(self, inputs: MergeInputs) -> MergeResult:
         merged: StateDict = {}
         matrix_keys: list[str] = []
         shapes: dict[str, dict[str, int]] = {}

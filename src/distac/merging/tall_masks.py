@@ -135,15 +135,7 @@ class TallMasks(_TallBase):
     ) -> None:
         super().__init__(lambda_t, use_ties, ties_density, device)
 
-    @torch.no_grad()
-    def merge(
-        self,
-        task_vectors: Sequence[StateDict],
-        *,
-        task_names: Sequence[str] | None = None,
-        pretrained: StateDict | None = None,
-    ) -> MergeResult:
-        inputs = self._inputs(task_vectors, task_names, pretrained)
+    def _merge(self, inputs: MergeInputs) -> MergeResult:
         lambdas = self._lambdas(inputs.task_names)
         mtl_for, diagnostics = self._multitask_vector(inputs)
         shared: StateDict = {}
@@ -184,15 +176,7 @@ class ConsensusTA(_TallBase):
         self.k = int(check_number("k", k, low=0, integer=True))
         self._set_hyperparameters(k=self.k)
 
-    @torch.no_grad()
-    def merge(
-        self,
-        task_vectors: Sequence[StateDict],
-        *,
-        task_names: Sequence[str] | None = None,
-        pretrained: StateDict | None = None,
-    ) -> MergeResult:
-        inputs = self._inputs(task_vectors, task_names, pretrained)
+    def _merge(self, inputs: MergeInputs) -> MergeResult:
         lambdas = self._lambdas(inputs.task_names)
         mtl_for, diagnostics = self._multitask_vector(inputs)
         merged: StateDict = {}

@@ -31,7 +31,6 @@ sparsely), instead of keeping all T trimmed vectors around.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -41,7 +40,6 @@ from distac.merging.base import (
     MergeInputs,
     MergeMethod,
     MergeResult,
-    StateDict,
     check_choice,
     check_number,
     json_float,
@@ -142,15 +140,7 @@ class Ties(MergeMethod):
         self.merge_func = check_choice("merge_func", merge_func, MERGE_FUNCS)
         self._set_hyperparameters(density=self.density, elect="mass", merge_func=self.merge_func)
 
-    @torch.no_grad()
-    def merge(
-        self,
-        task_vectors: Sequence[StateDict],
-        *,
-        task_names: Sequence[str] | None = None,
-        pretrained: StateDict | None = None,
-    ) -> MergeResult:
-        inputs = self._inputs(task_vectors, task_names, pretrained)
+    def _merge(self, inputs: MergeInputs) -> MergeResult:
         output = ties_merge(inputs, self.density, self.merge_func)
         merged = {key: inputs.output(key, value) for key, value in output.merged.items()}
         return MergeResult(task_vector=merged, info=self._info(inputs, **output.diagnostics))

@@ -29,13 +29,13 @@ With one task, k = r and the result is tau itself up to SVD round-off.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
 
 from distac.merging.base import (
     MatrixRule,
+    MergeInputs,
     MergeMethod,
     MergeResult,
     StateDict,
@@ -83,15 +83,7 @@ class TSVM(MergeMethod):
             return rank // num_tasks
         return int(rank * self.sv_reduction)
 
-    @torch.no_grad()
-    def merge(
-        self,
-        task_vectors: Sequence[StateDict],
-        *,
-        task_names: Sequence[str] | None = None,
-        pretrained: StateDict | None = None,
-    ) -> MergeResult:
-        inputs = self._inputs(task_vectors, task_names, pretrained)
+    def _merge(self, inputs: MergeInputs) -> MergeResult:
         merged: StateDict = {}
         ranks: dict[str, int] = {}
         matrix_keys: list[str] = []

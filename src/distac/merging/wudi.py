@@ -34,7 +34,6 @@ at theta_pre, i.e. a zero update (biases, norms, embeddings, conv stem, projecti
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -42,6 +41,7 @@ import torch
 
 from distac.merging.base import (
     MatrixRule,
+    MergeInputs,
     MergeMethod,
     MergeResult,
     StateDict,
@@ -173,15 +173,7 @@ class WUDI(MergeMethod):
             optimizer="adam(betas=(0.9, 0.999), eps=1e-8, weight_decay=0)",
         )
 
-    @torch.no_grad()
-    def merge(
-        self,
-        task_vectors: Sequence[StateDict],
-        *,
-        task_names: Sequence[str] | None = None,
-        pretrained: StateDict | None = None,
-    ) -> MergeResult:
-        inputs = self._inputs(task_vectors, task_names, pretrained)
+    def _merge(self, inputs: MergeInputs) -> MergeResult:
         merged: StateDict = {}
         losses: dict[str, dict[str, float | None]] = {}
         for key in inputs.keys:
