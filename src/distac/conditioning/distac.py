@@ -196,6 +196,7 @@ def condition(
     if state_file is not None and not rt.sharded:
         saved = _load_state(rt, state_file, device)
         if saved is not None:
+            _check_resume_config(saved, config, state_file)
             student.load_state_dict(saved["student"])
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
@@ -210,6 +211,7 @@ def condition(
         if state_file is not None:
             meta = _load_sharded_state(rt, state_file.parent / SHARDED_STATE_DIR)
             if meta is not None:
+                _check_resume_config(meta, config, state_file.parent / SHARDED_STATE_DIR)
                 history = [dict(h) for h in meta["history"]]
                 start_step = int(meta["step"])
     else:
@@ -273,9 +275,9 @@ def condition(
                 and (done < config.steps)
             ):
                 if rt.sharded:
-                    _save_sharded_state(rt, state_file.parent / SHARDED_STATE_DIR, history, done)
+                    _save_sharded_state(rt, state_file.parent / SHARDED_STATE_DIR, history, done, config)
                 elif rt.is_main:
-                    _save_state(state_file, student, optimizer, scheduler, history, done)
+                    _save_state(state_file, student, optimizer, scheduler, history, done, config)
             bar.update(job, advance=1, status=f"kl {float(kl.detach()):.4f}")
     if rt.sharded:
         state = rt.full_state_dict(model)  # collective; complete on the main process
@@ -397,10 +399,35 @@ def _load_state(rt: Runtime, file: Path, device: torch.device) -> dict[str, Any]
     return load_state(rt, file, device)
 
 
-def _save_sharded_state(rt: Runtime, directory: Path, history: list[dict[str, float]], step: int) -> None:
+def _save_sharded_state(
+    rt: Runtime, directory: Path, history: list[dict[str, float]], step: int, config: ConditionConfig
+) -> None:
     """FSDP resume state: accelerate's sharded checkpoint (every process writes its shards, so
     ``work_dir`` must be on a filesystem all processes share), swapped into place atomically."""
-    save_sharded_state(rt, directory, {"step": step, "history": history})
+    save_sharded_state(rt, directory, {"step": step, "history": history, "config": _resume_config(config)})
+
+
+#: options that may change between an interrupted run and its resume without changing the result
+_RESUME_FREE_OPTIONS = ("device", "checkpoint_every", "log_every")
+
+
+def _resume_config(config: ConditionConfig) -> dict[str, Any]:
+    return {k: v for k, v in asdict(config).items() if k not in _RESUME_FREE_OPTIONS}
+
+
+def _check_resume_config(saved: dict[str, Any], config: ConditionConfig, file: Path) -> None:
+    """Refuse to continue a state saved with other options (kappa, steps, temperatures, data...):
+    the result would be neither run. States written before options were recorded are accepted."""
+    recorded = saved.get("config")
+    if recorded is None:
+        return
+    wanted = _resume_config(config)
+    changed = sorted(k for k in set(wanted) | set(recorded) if recorded.get(k) != wanted.get(k))
+    if changed:
+        raise CheckpointError(
+            f"{file} was saved by a conditioning run with other options ({', '.join(changed)}): "
+            "rerun with the same options, or delete it to start over"
+        )
 
 
 def _load_sharded_state(rt: Runtime, directory: Path) -> dict[str, Any] | None:
@@ -414,6 +441,7 @@ def _save_state(
     scheduler: Any,
     history: list[dict[str, float]],
     step: int,
+    config: ConditionConfig,
 ) -> None:
     payload = {
         "student": student.state_dict(),
@@ -421,5 +449,6 @@ def _save_state(
         "scheduler": scheduler.state_dict(),
         "history": history,
         "step": step,
+        "config": _resume_config(config),
     }
     save_state(file, payload)
