@@ -168,3 +168,22 @@ def test_unknown_scenario_or_study_selection_fails_before_any_work(tmp_path: Pat
     with pytest.raises(ConfigError, match="--study \\['scale_curve'\\]"):
         runner.run(studies=["scale_curve"])
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_dir_made_with_other_settings_is_refused(tmp_path: Path) -> None:
+    from distac.atomic import atomic_write_json
+
+    made = _config("all-MiniLM-L6-v2")
+    atomic_write_json(tmp_path / "config.json", made.to_json())
+    # more scenarios, studies or methods only add stages: accepted
+    grown = _config("all-MiniLM-L6-v2", methods=["task_arithmetic", "ties", "tsvm"], studies={})
+    ExperimentRunner(grown, tmp_path, echo=lambda _: None).check_cache_compatible()
+    # a changed learning rate, data limit or recipe would reuse stale cached models: refused
+    for changes, named in (
+        ({"finetune": {"steps": 3, "lr": 3e-3, "batch_size": 16}}, "finetune"),
+        ({"limits": {"train": 64, "validation": 16, "test": 24}}, "limits"),
+        ({"recipes": {**made.recipes, "mixup": {"loss": {"kind": "focal"}}}}, "recipes.mixup"),
+    ):
+        runner = ExperimentRunner(_config("all-MiniLM-L6-v2", **changes), tmp_path, echo=lambda _: None)
+        with pytest.raises(ConfigError, match=f"other settings \\({named}; see .*config.json"):
+            runner.run()

@@ -40,6 +40,22 @@ from distac.models.base import ClassifierModel
 
 log = logging.getLogger("distac.experiments")
 
+#: Config keys that the cached stages depend on (see ``ExperimentRunner.check_cache_compatible``).
+CACHE_DEFINING_KEYS = (
+    "family",
+    "backbone",
+    "tasks",
+    "model_options",
+    "limits",
+    "seed",
+    "finetune",
+    "grid",
+    "method_options",
+    "condition",
+    "condition_per_scenario",
+    "evaluation",
+)
+
 
 class ExperimentRunner:
     def __init__(
@@ -472,6 +488,26 @@ class ExperimentRunner:
             )
         return {"long_task": long_task, "kappa": kappa, "methods": methods, "rows": rows}
 
+    def check_cache_compatible(self) -> None:
+        """Refuse to resume a run directory whose cached stages were made with other settings.
+
+        Stages are cached by name (``sources/<recipe>/<task>``...), so a changed learning rate, data
+        limit or backbone would otherwise silently reuse stale models. Adding scenarios, studies or
+        methods is fine: they only add stages.
+        """
+        file = self.run_dir / "config.json"
+        if not file.is_file():
+            return
+        cached, current = json.loads(file.read_text()), self.config.to_json()
+        changed = [k for k in CACHE_DEFINING_KEYS if cached.get(k) != current.get(k)]
+        old_recipes, new_recipes = cached.get("recipes", {}), current["recipes"]
+        changed += [f"recipes.{r}" for r in old_recipes if r in new_recipes and old_recipes[r] != new_recipes[r]]
+        if changed:
+            raise ConfigError(
+                f"{self.run_dir} holds stages made with other settings ({', '.join(changed)}; see {file}): "
+                "use another --run-dir, or delete this one to start over"
+            )
+
     # ------------------------------------------------------------------------------------ all
     def run(self, scenarios: list[str] | None = None, studies: list[str] | None = None) -> dict[str, Any]:
         """Run ``scenarios`` (default: all in the config), then ``studies`` (default: all; ``[]``: none)."""
@@ -481,6 +517,7 @@ class ExperimentRunner:
             if unknown:
                 raise ConfigError(f"{flag} {unknown}: not in experiment {self.config.name!r} ({sorted(known)})")
         start = time.perf_counter()
+        self.check_cache_compatible()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.run_dir / "config.json", self.config.to_json())
         results: dict[str, Any] = {
