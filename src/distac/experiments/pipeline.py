@@ -244,17 +244,21 @@ class ExperimentRunner:
             },
             "norms": norms,
         }
-        pretrained_eval = evaluate_method(
-            "task_arithmetic",
-            self.pretrained_backbone(),
-            vectors,
-            bank,
-            individual_val=ind_val,
-            individual_test=ind_test,
-            grid=None,
-            coefficient=0.0,
-        )
-        results["pretrained"] = pretrained_eval.to_json()
+        pretrained_file = out_dir / "pretrained.json"
+        if pretrained_file.is_file():
+            results["pretrained"] = json.loads(pretrained_file.read_text())
+        else:
+            results["pretrained"] = evaluate_method(
+                "task_arithmetic",
+                self.pretrained_backbone(),
+                vectors,
+                bank,
+                individual_val=ind_val,
+                individual_test=ind_test,
+                grid=None,
+                coefficient=0.0,
+            ).to_json()
+            atomic_write_json(pretrained_file, results["pretrained"])
         for method in methods or self.config.methods:
             file = out_dir / f"{method}.json"
             if file.is_file():
