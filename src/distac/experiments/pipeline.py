@@ -534,7 +534,7 @@ class ExperimentRunner:
             self.echo(f"== scenario {scenario}")
             results["scenarios"][scenario] = self.run_scenario(scenario)
             atomic_write_json(self.run_dir / "results.json", results)
-        studies: dict[str, Any] = {}
+        study_results: dict[str, Any] = {}
         for study, options in self.config.studies.items():
             if studies is not None and study not in studies:
                 continue
@@ -543,12 +543,12 @@ class ExperimentRunner:
                 continue
             self.echo(f"== study {study}")
             if study == "scale_curve":
-                studies[study] = self.scale_curve(options.get("scales"), options.get("recipe", "base"))
+                study_results[study] = self.scale_curve(options.get("scales"), options.get("recipe", "base"))
             elif study == "label_smoothing_sweep":
-                studies[study] = self.label_smoothing_sweep(options.get("alphas"), options.get("methods"))
+                study_results[study] = self.label_smoothing_sweep(options.get("alphas"), options.get("methods"))
             elif study == "unlabeled_data":
-                studies[study] = self.unlabeled_data_study(**options)
-            results["studies"] = studies
+                study_results[study] = self.unlabeled_data_study(**options)
+            results["studies"] = study_results
             atomic_write_json(self.run_dir / "results.json", results)
         results["wall_seconds"] = time.perf_counter() - start
         atomic_write_json(self.run_dir / "results.json", results)
