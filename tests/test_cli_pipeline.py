@@ -192,3 +192,34 @@ def test_condition_merge_evaluate_calibrate(sources: dict[str, Path], tmp_path: 
     report = json.loads((task_dirs[2] / "calibration.json").read_text())
     assert report["after"]["accuracy"] == report["before"]["accuracy"]  # T > 0 never changes the argmax
     assert report["after"]["nll"] <= report["before"]["nll"] + 1e-6
+
+
+def test_demo_command_runs_every_stage_and_prints_the_table(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    """The README's first command, wired end to end (tiny backbone and data; the real demo uses MiniLM)."""
+    output = _run(
+        [
+            "demo",
+            "--run-dir",
+            str(tmp_path / "demo"),
+            "--set",
+            f"backbone={tiny_bert_dir}",
+            "--set",
+            "tasks=[sst2, trec]",
+            "--set",
+            "limits={train: 48, validation: 16, test: 16}",
+            "--set",
+            "finetune.steps=2",
+            "--set",
+            "condition.steps=2",
+            "--set",
+            "condition.eval_examples=16",
+            "--set",
+            "grid=[0.0, 1.0]",
+            "--set",
+            "device=cpu",
+        ]
+    )
+    assert "source diagnosis" in output and "Task arithmetic + DisTaC" in output and "demo finished" in output
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert set(results["scenarios"]) == {"original", "norm_mismatch"}
+    assert (tmp_path / "demo" / "table1.md").is_file()
