@@ -29,6 +29,61 @@ SCENARIO_LABELS = {
 }
 
 
+#: Paper Table 1 (CLIP ViT-B/32, absolute accuracy %, ../shared/REFERENCE.md):
+#: (original, norm mismatch, norm mismatch + DisTaC, low confidence, low confidence + DisTaC)
+PAPER_TABLE1_VIT_B32: dict[str, tuple[float, float, float, float, float]] = {
+    "task_arithmetic": (70.4, 63.6, 70.0, 51.0, 63.6),
+    "ties": (74.0, 59.1, 73.1, 54.5, 68.7),
+    "consensus_ta": (74.8, 68.8, 73.7, 54.6, 67.7),
+    "emr": (88.5, 80.0, 88.1, 39.2, 70.3),
+    "tsvm": (83.3, 72.2, 82.9, 60.7, 81.5),
+    "iso_cts": (81.0, 78.1, 80.3, 72.5, 69.0),
+    "wudi": (85.5, 49.2, 84.4, 38.0, 73.8),
+}
+
+
+def paper_comparison_markdown(results: dict[str, Any]) -> str:
+    """Our effects next to the paper's, in absolute points: how much each failure mode costs a
+    merge (vs original) and how much DisTaC gives back. Scales differ, so compare signs and sizes,
+    not levels. A check mark means the sign agrees with the paper's (or both are within 0.5 points)."""
+    scenarios = results["scenarios"]
+
+    def score(scenario: str, variant: str, method: str) -> float | None:
+        entry = scenarios.get(scenario, {}).get("average", {}).get(variant, {}).get(method)
+        return None if not entry or "absolute" not in entry else 100 * entry["absolute"]
+
+    def diff(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else a - b
+
+    def agree(ours: float | None, paper: float) -> str:
+        if ours is None:
+            return "-"
+        mark = "✓" if (ours > 0) == (paper > 0) or (abs(ours) < 0.5 and abs(paper) < 0.5) else "✗"
+        return f"{ours:+.1f} {mark}"
+
+    lines = [
+        "### Effects next to the paper's (ViT-B/32 Table 1), absolute points",
+        "",
+        "| method | NM drop: paper | ours | DisTaC gain on NM: paper | ours "
+        "| LC drop: paper | ours | DisTaC gain on LC: paper | ours |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for method in results["config"]["methods"]:
+        if method not in PAPER_TABLE1_VIT_B32:
+            continue
+        p_orig, p_nm, p_nm_d, p_lc, p_lc_d = PAPER_TABLE1_VIT_B32[method]
+        orig = score("original", "plain", method)
+        nm, nm_d = score("norm_mismatch", "plain", method), score("norm_mismatch", "distac", method)
+        lc, lc_d = score("low_confidence", "plain", method), score("low_confidence", "distac", method)
+        lines.append(
+            f"| {METHOD_LABELS.get(method, method)} | {p_nm - p_orig:+.1f} | {agree(diff(nm, orig), p_nm - p_orig)} "
+            f"| {p_nm_d - p_nm:+.1f} | {agree(diff(nm_d, nm), p_nm_d - p_nm)} "
+            f"| {p_lc - p_orig:+.1f} | {agree(diff(lc, orig), p_lc - p_orig)} "
+            f"| {p_lc_d - p_lc:+.1f} | {agree(diff(lc_d, lc), p_lc_d - p_lc)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _cell(entry: dict[str, Any] | None) -> str:
     if not entry or "absolute" not in entry:
         return "-"
@@ -86,6 +141,7 @@ def write_report(run_dir: str | Path) -> Path:
         f"# {results['experiment']}: merged accuracy, absolute (normalized), %",
         "",
         table1_markdown(results),
+        paper_comparison_markdown(results),
         f"Backbone `{results['config']['backbone']}`, tasks {', '.join(results['config']['tasks'])}; "
         f"limits {results['config']['limits']}; seed {results['config']['seed']}; "
         f"wall time {results.get('wall_seconds', float('nan')):.0f} s on {env.get('machine')} "
