@@ -219,7 +219,8 @@ def test_demo_command_runs_every_stage_and_prints_the_table(tmp_path: Path, tiny
             "device=cpu",
         ]
     )
-    assert "source diagnosis" in output and "Task arithmetic + DisTaC" in output and "demo finished" in output
+    assert "source diagnosis" in output and "merged test score" in output and "demo finished" in output
+    assert "Task arithmetic" in output and "TIES" in output and "individual" in output
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert set(results["scenarios"]) == {"original", "norm_mismatch"}
     assert (tmp_path / "demo" / "table1.md").is_file()

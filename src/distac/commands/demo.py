@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
 
         from distac.experiments.config import load_experiment
         from distac.experiments.pipeline import ExperimentRunner
-        from distac.experiments.report import table1_markdown, write_report
+        from distac.experiments.report import write_report
 
         start = time.perf_counter()
         config = load_experiment("demo", overrides)
@@ -43,9 +43,9 @@ def register(app: typer.Typer) -> None:
         _diagnose(runner, sources)
         console.rule("3-4. condition with DisTaC, merge, evaluate")
         results = runner.run()
-        write_report(run_dir)
-        console.print(table1_markdown(results))
-        console.print(f"demo finished in {time.perf_counter() - start:.0f} s; details in {run_dir}/table1.md")
+        report = write_report(run_dir)
+        _print_summary(results)
+        console.print(f"demo finished in {time.perf_counter() - start:.0f} s; full report in {report}")
 
 
 def _diagnose(runner: object, sources: dict[str, Path]) -> None:
@@ -62,3 +62,31 @@ def _diagnose(runner: object, sources: dict[str, Path]) -> None:
         for s in report.to_json()["sources"]
     ]
     print_table("source diagnosis", ["source", "||tau||", "entropy", "ECE", "flags"], rows)
+
+
+def _print_summary(results: dict) -> None:
+    """Merged test score averaged over the tasks, absolute (normalized to the fine-tuned models), %."""
+    from distac.experiments.report import METHOD_LABELS
+
+    def cell(scenario: str, variant: str, method: str) -> str:
+        entry = results["scenarios"].get(scenario, {}).get("average", {}).get(variant, {}).get(method)
+        if not entry:
+            return "-"
+        return f"{100 * entry['absolute']:.1f} ({100 * entry['normalized']:.1f})"
+
+    rows = [[label, cell("original", "plain", key), cell("norm_mismatch", "plain", key), "-"]
+            for key, label in (("pretrained", "pretrained"), ("individual", "individual (fine-tuned)"))]  # fmt: skip
+    for method in results["config"]["methods"]:
+        rows.append(
+            [
+                METHOD_LABELS.get(method, method),
+                cell("original", "plain", method),
+                cell("norm_mismatch", "plain", method),
+                cell("norm_mismatch", "distac", method),
+            ]
+        )
+    print_table(
+        "merged test score, absolute (normalized) %",
+        ["method", "all sources normal", "one source 10x lr", "... + DisTaC"],
+        rows,
+    )
