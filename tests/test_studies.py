@@ -139,6 +139,7 @@ def test_studies_run_reuse_cached_stages_and_report(tmp_path: Path, tiny_bert_di
     assert shared["distac"]["task_arithmetic"]["absolute"] == low["distac"]["task_arithmetic"]["absolute"]
     finetune = json.loads((tmp_path / "sources/label_smoothing_0.3/sst2/finetune.json").read_text())
     assert finetune["config"]["loss"] == {"kind": "label_smoothing", "alpha": 0.3, "gamma": 2.0}
+    assert "distac" not in sweep["points"][0] and "distac" in sweep["points"][2]  # alpha 0: nothing to fix
     for point in sweep["points"]:
         assert set(point["plain"]) == {"task_arithmetic"} and 0.0 <= point["source_entropy"] <= np.log(6)
 

@@ -412,9 +412,9 @@ class ExperimentRunner:
         """Figure 4 analog: merged accuracy, with and without DisTaC, against the label-smoothing
         strength every source was fine-tuned with (alpha = 0 is the base recipe).
 
-        Sources are conditioned as in the low-confidence scenario (kappa = 1, T_s > T_t). A
-        low-confidence scenario with the same recipe shares its sources, conditioned models and
-        merge records.
+        Smoothed sources (alpha > 0) are conditioned as in the low-confidence scenario (kappa = 1,
+        T_s > T_t); alpha = 0 is the plain merge of normal sources, the reference the others fall
+        from. A scenario with the same recipe shares its sources, conditioned models and merges.
         """
         alphas = [float(a) for a in (alphas if alphas is not None else [0.0, 0.05, 0.1, 0.2, 0.3])]
         methods = methods or self.config.methods
@@ -434,7 +434,7 @@ class ExperimentRunner:
                 "low_confidence",
                 key,
                 {t: recipe for t in self.config.tasks},
-                condition_tasks=list(self.config.tasks),
+                condition_tasks=list(self.config.tasks) if alpha > 0 else [],
                 kappa_rule="one",
                 methods=methods,
             )
