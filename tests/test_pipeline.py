@@ -4,6 +4,7 @@ and resume without recomputation."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,11 @@ def test_pipeline_runs_every_scenario_and_resumes(
     # scale 1 is the fine-tuned source itself: the same score as the individual model
     assert curve["trec"][1]["score"] == pytest.approx(individual["trec"]["score"])
 
+    stages = results["stage_seconds"]
+    assert stages["finetune"] > 0 and stages["condition"] > 0 and stages["merge_and_evaluate"] > 0
+    assert stages["finetune"] == pytest.approx(
+        sum(json.loads(f.read_text())["seconds"] for f in tmp_path.glob("sources/*/*/finetune.json"))
+    )
     report = write_report(tmp_path).read_text()
     assert "Task arithmetic + DisTaC" in report and "Norm mismatch" in report
     for plot in ("table1.png", "conditioning_history.png", "scale_curve.png"):

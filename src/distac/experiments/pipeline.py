@@ -551,8 +551,24 @@ class ExperimentRunner:
             results["studies"] = study_results
             atomic_write_json(self.run_dir / "results.json", results)
         results["wall_seconds"] = time.perf_counter() - start
+        results["stage_seconds"] = self.stage_seconds()
         atomic_write_json(self.run_dir / "results.json", results)
         return results
+
+    def stage_seconds(self) -> dict[str, float]:
+        """Compute spent on the cached stages, whichever run made them (a resumed run's own wall
+        time covers only what it did): fine-tuning, conditioning and merging incl. evaluation."""
+        totals = {"finetune": 0.0, "condition": 0.0, "merge_and_evaluate": 0.0}
+        for stage, pattern, key in (
+            ("finetune", "sources/*/*/finetune.json", "seconds"),
+            ("condition", "conditioned/*/*/condition.json", "seconds"),
+            ("merge_and_evaluate", "merges/**/*.json", "seconds_total"),
+        ):
+            for file in self.run_dir.glob(pattern):
+                value = json.loads(file.read_text())
+                if isinstance(value, dict) and isinstance(value.get(key), int | float):
+                    totals[stage] += float(value[key])
+        return totals
 
 
 def _mean(values: Any) -> float:

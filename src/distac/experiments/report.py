@@ -84,6 +84,14 @@ def paper_comparison_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _stage_seconds_line(stages: dict[str, float] | None) -> str:
+    if not stages:
+        return ""
+    total = sum(stages.values())
+    parts = ", ".join(f"{name.replace('_', ' ')} {seconds / 60:.1f}" for name, seconds in stages.items())
+    return f"Compute in the cached stages (all runs that made them): {total / 60:.1f} min ({parts} min).\n"
+
+
 def _cell(entry: dict[str, Any] | None) -> str:
     if not entry or "absolute" not in entry:
         return "-"
@@ -148,6 +156,7 @@ def write_report(run_dir: str | Path) -> Path:
         f"({env.get('cpu_count')} CPUs, CUDA: {env.get('cuda')}); torch {env.get('torch')}, "
         f"transformers {env.get('transformers')}, distac {env.get('distac')}.",
         "",
+        _stage_seconds_line(results.get("stage_seconds")),
     ]
     for scenario, block in results["scenarios"].items():
         if "choices" in block:
