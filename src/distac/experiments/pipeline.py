@@ -50,7 +50,6 @@ CACHE_DEFINING_KEYS = (
     "seed",
     "finetune",
     "grid",
-    "method_options",
     "condition",
     "condition_per_scenario",
     "evaluation",
@@ -262,8 +261,11 @@ class ExperimentRunner:
         for method in methods or self.config.methods:
             file = out_dir / f"{method}.json"
             if file.is_file():
-                results[method] = json.loads(file.read_text())
-                continue
+                cached = json.loads(file.read_text())
+                if cached.get("info", {}).get("hyperparameters") == self._method_hyperparameters(method):
+                    results[method] = cached
+                    continue
+                self.echo(f"  {scenario_key}: {method} options changed; merging again")
             start = time.perf_counter()
             evaluation = evaluate_method(
                 method,
@@ -284,6 +286,13 @@ class ExperimentRunner:
                 f"norm={record['normalized']:.4f} lambda={record['coefficient']:.2f}"
             )
         return results
+
+    def _method_hyperparameters(self, method: str) -> dict[str, Any]:
+        """The method's hyperparameters as a merge record stores them (JSON round trip)."""
+        from distac.merging.registry import get_method
+
+        built = get_method(method, **self.config.method_options.get(method, {}))
+        return json.loads(json.dumps(built.hyperparameters))
 
     # ------------------------------------------------------------------------------------ scenarios
     def kappa_for(self, norms: dict[str, float], task: str) -> float:
@@ -497,7 +506,7 @@ class ExperimentRunner:
 
         Stages are cached by name (``sources/<recipe>/<task>``...), so a changed learning rate, data
         limit or backbone would otherwise silently reuse stale models. Adding scenarios, studies or
-        methods is fine: they only add stages.
+        methods is fine: they only add stages; a merge whose method options changed is redone.
         """
         file = self.run_dir / "config.json"
         if not file.is_file():

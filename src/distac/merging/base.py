@@ -20,6 +20,7 @@ Conventions shared by every method (see the method modules for what each does pe
 
 from __future__ import annotations
 
+import logging
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -29,6 +30,8 @@ from typing import Any, ClassVar
 import torch
 
 from distac.errors import ConfigError
+
+log = logging.getLogger("distac.merging")
 
 StateDict = dict[str, torch.Tensor]
 KeyPredicate = Callable[[str, torch.Tensor], bool]
@@ -96,7 +99,33 @@ def is_block_linear(key: str, tensor: torch.Tensor) -> bool:
     return not any(word in lowered for word in _NON_LINEAR_WORDS)
 
 
-MATRIX_RULES: dict[str, KeyPredicate] = {"all_2d": is_2d_matrix, "block_linear": is_block_linear}
+def is_matrix_or_conv(key: str, tensor: torch.Tensor) -> bool:
+    """``all_2d`` plus convolution kernels (ndim >= 3), each treated as the (out_channels,
+    in_channels * kh * kw) matrix it multiplies the unfolded input with.
+
+    The SVD-based methods are defined on linear layers; CNNs (timm, torchvision) have almost none,
+    so under ``all_2d`` TSVM and Iso reduce to plain averaging on them. This is the natural
+    extension for convolutions (our choice, not the papers'; they only evaluate transformers).
+    """
+    return is_2d_matrix(key, tensor) or tensor.ndim >= 3
+
+
+def as_matrices(stack: torch.Tensor) -> torch.Tensor:
+    """A (T, m, ...) stack of task tensors as (T, m, n) matrices: unchanged for matrices, the
+    flattening of :func:`is_matrix_or_conv` for convolution kernels."""
+    return stack.reshape(stack.shape[0], stack.shape[1], -1)
+
+
+def matrix_shape(tensor: torch.Tensor) -> tuple[int, int]:
+    """(rows, cols) of a matrix key as the SVD methods see it (see :func:`as_matrices`)."""
+    return int(tensor.shape[0]), int(tensor.numel() // max(tensor.shape[0], 1))
+
+
+MATRIX_RULES: dict[str, KeyPredicate] = {
+    "all_2d": is_2d_matrix,
+    "block_linear": is_block_linear,
+    "all_2d_and_conv": is_matrix_or_conv,
+}
 
 
 def resolve_matrix_rule(rule: MatrixRule, parameter: str = "matrix_keys") -> tuple[KeyPredicate, str]:
@@ -366,6 +395,18 @@ class MergeMethod(ABC):
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self._hyperparameters.items())
         return f"{type(self).__name__}({params})"
+
+
+def warn_if_no_matrices(method: MergeMethod, inputs: MergeInputs, matrix_keys: list[str]) -> None:
+    """The SVD/interference methods act on matrix keys only; on a model where the rule selects none
+    (a CNN under ``all_2d``) they silently become averaging. Say so."""
+    if not matrix_keys and any(inputs.task_vectors[0][k].ndim >= 3 for k in inputs.keys):
+        log.warning(
+            "%s: matrix_keys=%r selects no key of these task vectors, so every key is merged by the "
+            "non-matrix rule; for convolutional models pass matrix_keys='all_2d_and_conv'",
+            method.name,
+            method.hyperparameters.get("matrix_keys"),
+        )
 
 
 def apply_merge(

@@ -45,10 +45,13 @@ from distac.merging.base import (
     MergeMethod,
     MergeResult,
     StateDict,
+    as_matrices,
     check_number,
+    matrix_shape,
     polar_factor,
     resolve_matrix_rule,
     thin_svd,
+    warn_if_no_matrices,
 )
 from distac.merging.task_arithmetic import sum_key
 
@@ -108,11 +111,12 @@ class _IsoBase(MergeMethod):
             reference = inputs.task_vectors[0][key]
             if self.is_matrix(key, reference):
                 matrix_keys.append(key)
-                rows, cols = reference.shape
+                rows, cols = matrix_shape(reference)
                 shapes[f"{rows}x{cols}"] = self._describe(rows, cols, inputs.num_tasks)
-                merged[key] = inputs.output(key, self._merge_matrix(inputs, key))
+                merged[key] = inputs.output(key, self._merge_matrix(inputs, key).reshape(reference.shape))
             else:
                 merged[key] = inputs.output(key, sum_key(inputs, key) / inputs.num_tasks)
+        warn_if_no_matrices(self, inputs, matrix_keys)
         return MergeResult(task_vector=merged, info=self._info(inputs, matrix_keys=matrix_keys, subspaces=shapes))
 
 
@@ -124,7 +128,8 @@ class IsoC(_IsoBase):
         self._set_hyperparameters(matrix_keys=self._rule)
 
     def _merge_matrix(self, inputs: MergeInputs, key: str) -> torch.Tensor:
-        return iso_c_matrix(sum_key(inputs, key))
+        total = sum_key(inputs, key)
+        return iso_c_matrix(total.reshape(total.shape[0], -1))
 
 
 class IsoCTS(_IsoBase):
@@ -144,7 +149,7 @@ class IsoCTS(_IsoBase):
         self._set_hyperparameters(common_space_fraction=self.common_space_fraction, matrix_keys=self._rule)
 
     def _merge_matrix(self, inputs: MergeInputs, key: str) -> torch.Tensor:
-        return iso_cts_matrix(inputs.stack(key), self.common_space_fraction)
+        return iso_cts_matrix(as_matrices(inputs.stack(key)), self.common_space_fraction)
 
     def _describe(self, rows: int, cols: int, num_tasks: int) -> dict[str, int]:
         common, per_task = iso_cts_sizes(min(rows, cols), num_tasks, self.common_space_fraction)

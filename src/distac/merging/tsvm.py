@@ -39,10 +39,13 @@ from distac.merging.base import (
     MergeMethod,
     MergeResult,
     StateDict,
+    as_matrices,
     check_number,
+    matrix_shape,
     polar_factor,
     resolve_matrix_rule,
     thin_svd,
+    warn_if_no_matrices,
 )
 from distac.merging.task_arithmetic import sum_key
 
@@ -90,12 +93,15 @@ class TSVM(MergeMethod):
         for key in inputs.keys:
             reference = inputs.task_vectors[0][key]
             if self.is_matrix(key, reference):
-                rows, cols = reference.shape
+                rows, cols = matrix_shape(reference)
                 k = self.rank_per_task(min(rows, cols), inputs.num_tasks)
                 ranks[f"{rows}x{cols}"] = k
                 matrix_keys.append(key)
-                merged[key] = inputs.output(key, tsvm_matrix(inputs.stack(key), k))
+                merged[key] = inputs.output(
+                    key, tsvm_matrix(as_matrices(inputs.stack(key)), k).reshape(reference.shape)
+                )
             else:
                 merged[key] = inputs.output(key, sum_key(inputs, key) / inputs.num_tasks)
+        warn_if_no_matrices(self, inputs, matrix_keys)
         info = self._info(inputs, matrix_keys=matrix_keys, rank_per_task=ranks)
         return MergeResult(task_vector=merged, info=info)

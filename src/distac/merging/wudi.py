@@ -45,10 +45,12 @@ from distac.merging.base import (
     MergeMethod,
     MergeResult,
     StateDict,
+    as_matrices,
     check_choice,
     check_number,
     json_float,
     resolve_matrix_rule,
+    warn_if_no_matrices,
 )
 from distac.merging.task_arithmetic import sum_key
 
@@ -178,12 +180,14 @@ class WUDI(MergeMethod):
         losses: dict[str, dict[str, float | None]] = {}
         for key in inputs.keys:
             if self.is_matrix(key, inputs.task_vectors[0][key]):
-                result = wudi_matrix(inputs.stack(key), self.iterations, self.lr)
-                merged[key] = inputs.output(key, result.merged)
+                reference = inputs.task_vectors[0][key]
+                result = wudi_matrix(as_matrices(inputs.stack(key)), self.iterations, self.lr)
+                merged[key] = inputs.output(key, result.merged.reshape(reference.shape))
                 losses[key] = {"initial": json_float(result.initial_loss), "final": json_float(result.final_loss)}
             elif self.non_matrix == "mean":
                 merged[key] = inputs.output(key, sum_key(inputs, key) / inputs.num_tasks)
             else:
                 merged[key] = inputs.zeros(key)
+        warn_if_no_matrices(self, inputs, list(losses))
         info = self._info(inputs, matrix_keys=list(losses), loss=losses)
         return MergeResult(task_vector=merged, info=info)
