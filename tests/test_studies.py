@@ -74,7 +74,11 @@ def _config(backbone: str, **changes: object) -> ExperimentConfig:
         "grid": [0.0, 1.0],
         "condition": {"steps": 2, "batch_size": 16, "num_unlabeled": 32, "log_every": 1, "eval_examples": 16},
         "studies": {
-            "label_smoothing_sweep": {"alphas": [0.0, 0.1, 0.3], "methods": ["task_arithmetic"]},
+            "label_smoothing_sweep": {
+                "alphas": [0.0, 0.1, 0.3, 0.2],
+                "methods": ["task_arithmetic"],
+                "distac_alphas": [0.1, 0.3],
+            },
             "unlabeled_data": {
                 "amounts": [8],
                 "corruptions": [{"kind": "word_dropout", "strength": 0.5}],
@@ -91,6 +95,7 @@ def _config(backbone: str, **changes: object) -> ExperimentConfig:
     [
         ({"studies": {"figure9": {}}}, "unknown study 'figure9'"),
         ({"studies": {"label_smoothing_sweep": {"alphas": [1.5]}}}, "alphas"),
+        ({"studies": {"label_smoothing_sweep": {"distac_alphas": [-0.1]}}}, "distac_alphas"),
         ({"studies": {"label_smoothing_sweep": {"methods": ["wudi"]}}}, "not in methods"),
         ({"studies": {"unlabeled_data": {"long_task": "cola"}}}, "not one of the tasks"),
         ({"studies": {"unlabeled_data": {"corruptions": [{"kind": "jpeg"}]}}}, "corruptions\\[0\\]"),
@@ -132,14 +137,15 @@ def test_studies_run_reuse_cached_stages_and_report(tmp_path: Path, tiny_bert_di
 
     # Figure 4: alpha 0.1 is the low-confidence recipe: its sources and merges are shared, not redone
     sweep = results["studies"]["label_smoothing_sweep"]
-    assert [p["recipe"] for p in sweep["points"]] == ["base", "label_smoothing", "label_smoothing_0.3"]
+    recipes = ["base", "label_smoothing", "label_smoothing_0.3", "label_smoothing_0.2"]
+    assert [p["recipe"] for p in sweep["points"]] == recipes
     low = results["scenarios"]["low_confidence"]["average"]
     shared = sweep["points"][1]
     assert shared["plain"]["task_arithmetic"]["absolute"] == low["plain"]["task_arithmetic"]["absolute"]
     assert shared["distac"]["task_arithmetic"]["absolute"] == low["distac"]["task_arithmetic"]["absolute"]
     finetune = json.loads((tmp_path / "sources/label_smoothing_0.3/sst2/finetune.json").read_text())
     assert finetune["config"]["loss"] == {"kind": "label_smoothing", "alpha": 0.3, "gamma": 2.0}
-    assert "distac" not in sweep["points"][0] and "distac" in sweep["points"][2]  # alpha 0: nothing to fix
+    assert ["distac" in p for p in sweep["points"]] == [False, True, True, False]  # only distac_alphas
     for point in sweep["points"]:
         assert set(point["plain"]) == {"task_arithmetic"} and 0.0 <= point["source_entropy"] <= np.log(6)
 

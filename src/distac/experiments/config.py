@@ -100,7 +100,7 @@ SCENARIO_KINDS = ("original", "norm_mismatch", "low_confidence")
 STUDY_KEYS: dict[str, tuple[str, ...]] = {
     "scaling_alone": (),
     "scale_curve": ("scales", "recipe"),
-    "label_smoothing_sweep": ("alphas", "methods"),
+    "label_smoothing_sweep": ("alphas", "methods", "distac_alphas"),
     "unlabeled_data": ("long_task", "amounts", "corruptions", "methods"),
 }
 
@@ -213,8 +213,9 @@ def validate_studies(config: ExperimentConfig) -> None:
         for method in options.get("methods") or []:
             if method not in config.methods:
                 raise ConfigError(f"studies.{study}.methods: {method!r} is not in methods {config.methods}")
-        for i, alpha in enumerate(options.get("alphas") or []):
-            check_option(f"studies.{study}.alphas", str(i), alpha, low=0.0, high=1.0, high_inclusive=False)
+        for name in ("alphas", "distac_alphas"):
+            for i, alpha in enumerate(options.get(name) or []):
+                check_option(f"studies.{study}.{name}", str(i), alpha, low=0.0, high=1.0, high_inclusive=False)
         for i, amount in enumerate(options.get("amounts") or []):
             check_option(f"studies.{study}.amounts", str(i), amount, low=1, integer=True)
         for i, corruption in enumerate(options.get("corruptions") or []):

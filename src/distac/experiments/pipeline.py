@@ -417,16 +417,25 @@ class ExperimentRunner:
         self.recipes[name] = wanted
         return name
 
-    def label_smoothing_sweep(self, alphas: list[float] | None = None, methods: list[str] | None = None) -> dict:
+    def label_smoothing_sweep(
+        self,
+        alphas: list[float] | None = None,
+        methods: list[str] | None = None,
+        distac_alphas: list[float] | None = None,
+    ) -> dict:
         """Figure 4 analog: merged accuracy, with and without DisTaC, against the label-smoothing
         strength every source was fine-tuned with (alpha = 0 is the base recipe).
 
         Smoothed sources (alpha > 0) are conditioned as in the low-confidence scenario (kappa = 1,
         T_s > T_t); alpha = 0 is the plain merge of normal sources, the reference the others fall
-        from. A scenario with the same recipe shares its sources, conditioned models and merges.
+        from. ``distac_alphas`` limits the conditioning to some strengths (a CPU budget). A scenario
+        with the same recipe shares its sources, conditioned models and merges.
         """
         alphas = [float(a) for a in (alphas if alphas is not None else [0.0, 0.05, 0.1, 0.2, 0.3])]
         methods = methods or self.config.methods
+        conditioned_alphas = {a for a in alphas if a > 0}
+        if distac_alphas is not None:
+            conditioned_alphas = {float(a) for a in distac_alphas}
         points = []
         for alpha in alphas:
             recipe = self.smoothing_recipe(alpha)
@@ -443,7 +452,7 @@ class ExperimentRunner:
                 "low_confidence",
                 key,
                 {t: recipe for t in self.config.tasks},
-                condition_tasks=list(self.config.tasks) if alpha > 0 else [],
+                condition_tasks=list(self.config.tasks) if alpha in conditioned_alphas else [],
                 kappa_rule="one",
                 methods=methods,
             )
@@ -554,7 +563,7 @@ class ExperimentRunner:
             if study == "scale_curve":
                 study_results[study] = self.scale_curve(options.get("scales"), options.get("recipe", "base"))
             elif study == "label_smoothing_sweep":
-                study_results[study] = self.label_smoothing_sweep(options.get("alphas"), options.get("methods"))
+                study_results[study] = self.label_smoothing_sweep(**options)
             elif study == "unlabeled_data":
                 study_results[study] = self.unlabeled_data_study(**options)
             results["studies"] = study_results
