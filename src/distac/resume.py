@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,26 @@ import torch
 
 from distac.atomic import atomic_path, atomic_write_json
 from distac.distributed import Runtime
+from distac.errors import CheckpointError
 
 SHARDED_META_FILE = "distac_state.json"
+
+
+def resume_options(config: Any, free: tuple[str, ...]) -> dict[str, Any]:
+    """The options of a loop's config dataclass that a resume state must have been saved with:
+    all but ``free`` (those that cannot change the weights the run ends with)."""
+    return {k: v for k, v in asdict(config).items() if k not in free}
+
+
+def check_resume_options(recorded: dict[str, Any], wanted: dict[str, Any], file: Path, run: str) -> None:
+    """Refuse to continue a state saved with other options: the result would be neither run."""
+    if recorded == wanted:
+        return
+    changed = sorted(k for k in set(wanted) | set(recorded) if recorded.get(k) != wanted.get(k))
+    raise CheckpointError(
+        f"{file} was saved by a {run} run with other options ({', '.join(changed)}): "
+        "rerun with the same options, or delete it to start over"
+    )
 
 
 def load_state(rt: Runtime, file: Path, device: torch.device) -> dict[str, Any] | None:

@@ -46,8 +46,10 @@ from distac.models.base import ClassifierModel, move_inputs
 from distac.models.inference import predict_logits
 from distac.resume import (
     SHARDED_META_FILE,  # noqa: F401  (re-exported: the FSDP state's JSON file)
+    check_resume_options,
     load_sharded_state,
     load_state,
+    resume_options,
     save_sharded_state,
     save_state,
 )
@@ -412,22 +414,13 @@ _RESUME_FREE_OPTIONS = ("device", "checkpoint_every", "log_every")
 
 
 def _resume_config(config: ConditionConfig) -> dict[str, Any]:
-    return {k: v for k, v in asdict(config).items() if k not in _RESUME_FREE_OPTIONS}
+    return resume_options(config, _RESUME_FREE_OPTIONS)
 
 
 def _check_resume_config(saved: dict[str, Any], config: ConditionConfig, file: Path) -> None:
-    """Refuse to continue a state saved with other options (kappa, steps, temperatures, data...):
-    the result would be neither run. States written before options were recorded are accepted."""
-    recorded = saved.get("config")
-    if recorded is None:
-        return
-    wanted = _resume_config(config)
-    changed = sorted(k for k in set(wanted) | set(recorded) if recorded.get(k) != wanted.get(k))
-    if changed:
-        raise CheckpointError(
-            f"{file} was saved by a conditioning run with other options ({', '.join(changed)}): "
-            "rerun with the same options, or delete it to start over"
-        )
+    """States written before options were recorded (no ``config``) are accepted."""
+    if saved.get("config") is not None:
+        check_resume_options(saved["config"], _resume_config(config), file, "conditioning")
 
 
 def _load_sharded_state(rt: Runtime, directory: Path) -> dict[str, Any] | None:

@@ -17,7 +17,7 @@ import copy
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +29,14 @@ from torch import nn
 from distac.config import build_dataclass, check_device_option, check_option, check_type_option
 from distac.data import TaskData
 from distac.distributed import Runtime, runtime
-from distac.errors import CheckpointError
 from distac.models.base import ClassifierModel, move_inputs
 from distac.models.inference import predict_logits
 from distac.resume import (
+    check_resume_options,
     load_sharded_state,
     load_state,
     restore_rng_states,
+    resume_options,
     rng_states,
     save_sharded_state,
     save_state,
@@ -201,12 +202,7 @@ def finetune(
 
     def restore(loop: dict[str, Any], file: Path) -> None:
         nonlocal order, losses, evaluations, start_step, seconds_before
-        if loop["config"] != resume_config:
-            changed = sorted(k for k in resume_config if loop["config"].get(k) != resume_config[k])
-            raise CheckpointError(
-                f"{file} was saved by a fine-tuning run with other options ({', '.join(changed)}): "
-                "rerun with the same options, or delete it to start over"
-            )
+        check_resume_options(loop["config"], resume_config, file, "fine-tuning")
         rng.bit_generator.state = loop["numpy_rng"]
         generator.set_state(torch.tensor(loop["mixup_rng"], dtype=torch.uint8))
         order = [int(i) for i in loop["order"]]
@@ -309,8 +305,7 @@ def finetune(
 
 
 def _resume_config(config: FinetuneConfig) -> dict[str, Any]:
-    """The options a resume state must have been saved with (those that change the result)."""
-    return {k: v for k, v in asdict(config).items() if k not in _RESUME_FREE_OPTIONS}
+    return resume_options(config, _RESUME_FREE_OPTIONS)
 
 
 def _save_state(
