@@ -43,7 +43,7 @@ def method_hyperparameters(name: str) -> dict[str, Any]:
     return {p.name: p.default for p in signature.parameters.values() if p.name != "self"}
 
 
-def get_method(name: str, **hyperparameters: Any) -> MergeMethod:
+def get_method(name: str, /, **hyperparameters: Any) -> MergeMethod:
     """An instance of the method called ``name`` with the given hyperparameters (defaults otherwise)."""
     cls = method_class(name)
     accepted = method_hyperparameters(name)
