@@ -53,3 +53,22 @@ def test_resume_refuses_other_options_and_accepts_logging_changes(
     result = condition(teacher, pretrained, task, replace(config, log_every=1), work_dir=work, progress=False)
     assert not (work / STATE_FILE).exists()
     assert min(h["step"] for h in result.history) == 0 and max(h["step"] for h in result.history) == 4
+
+
+def test_clear_state_removes_the_state_and_an_emptied_work_dir_but_keeps_other_files(tmp_path: Path) -> None:
+    from distac.resume import clear_state
+
+    work = tmp_path / "out.work"
+    (work / "fsdp").mkdir(parents=True)
+    (work / "state.pt").write_bytes(b"x")
+    (work / "fsdp" / "shard").write_bytes(b"x")
+    clear_state(work / "state.pt", work / "fsdp")
+    assert not work.exists()
+
+    (work / "fsdp").mkdir(parents=True)
+    (work / "state.pt").write_bytes(b"x")
+    (work / "notes.txt").write_text("mine")
+    clear_state(work / "state.pt", work / "fsdp")
+    assert sorted(p.name for p in work.iterdir()) == ["notes.txt"]
+    clear_state(work / "state.pt", work / "fsdp")  # idempotent: nothing left to delete
+    assert (work / "notes.txt").read_text() == "mine"

@@ -89,3 +89,12 @@ def test_cli_bad_checkpoint_is_one_clear_line(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "error:" in proc.stderr and "x.safetensors" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_experiment_list_needs_no_name_and_a_missing_name_is_explained() -> None:
+    listed = runner.invoke(app, ["experiment", "--list"])
+    assert listed.exit_code == 0, listed.output
+    assert {"demo", "text8", "vision", "clip-vit-b32", "text-confident"} <= set(listed.output.split())
+    missing = runner.invoke(app, ["experiment"])
+    assert missing.exit_code == 2
+    assert "name an experiment" in missing.output and "text8" in missing.output

@@ -101,3 +101,16 @@ def test_efficientnet_lite0_imagenet_weights_recognise_daisies(data_root: Path) 
     assert logits.shape == (6, 5)
     assert any("running_mean" in k for k in model.state_dict())
     assert not model.task_vector_selector()("backbone.bn1.running_mean")
+
+
+def test_mixed_precision_request_off_cuda_is_float32_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    from distac.models.inference import bf16_autocast
+
+    with caplog.at_level("WARNING", logger="distac.models"):
+        assert bf16_autocast(True, torch.device("cpu")) is False
+    assert "CUDA only" in caplog.text and "cpu" in caplog.text
+    caplog.clear()
+    assert bf16_autocast(False, torch.device("cpu")) is False
+    assert bf16_autocast(True, torch.device("cuda")) is True
+    assert bf16_autocast(False, torch.device("cuda")) is False
+    assert caplog.text == ""

@@ -63,6 +63,18 @@ def save_state(file: Path, payload: dict[str, Any]) -> None:
         torch.save(payload, tmp)
 
 
+def clear_state(state_file: Path, sharded_dir: Path) -> None:
+    """A finished run's cleanup (main process): delete its resume state, then the work directory
+    itself if nothing else is in it, so finished runs leave no empty ``*.work`` folders behind.
+    Anything else a user keeps there stays."""
+    state_file.unlink(missing_ok=True)
+    shutil.rmtree(sharded_dir, ignore_errors=True)
+    try:
+        state_file.parent.rmdir()
+    except OSError:  # not empty, already gone, or the current directory
+        pass
+
+
 def save_sharded_state(rt: Runtime, directory: Path, meta: dict[str, Any]) -> None:
     """FSDP resume state: accelerate's sharded checkpoint plus ``meta`` (JSON), swapped into place
     atomically. Collective: every process must call it."""

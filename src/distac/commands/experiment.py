@@ -12,8 +12,10 @@ from distac.commands.common import DATA_ROOT_OPTION, SET_OPTION, console
 def register(app: typer.Typer) -> None:
     @app.command("experiment")
     def experiment(
-        name: str = typer.Argument(
-            ..., help="Experiment config: a bundled name (demo, text8, vision, clip-vit-b32) or a YAML path."
+        name: str | None = typer.Argument(
+            None,
+            help="Experiment config: a bundled name (see --list: demo, text8, vision, ...) or a YAML path.",
+            show_default=False,
         ),
         run_dir: Path | None = typer.Option(
             None, "--run-dir", help="Where stages are cached (default runs/<name>); rerun to resume."
@@ -39,6 +41,11 @@ def register(app: typer.Typer) -> None:
         if list_only:
             console.print("\n".join(available_experiments()))
             return
+        if name is None:
+            raise typer.BadParameter(
+                "name an experiment (bundled: " + ", ".join(available_experiments()) + ") or a YAML path",
+                param_hint="'NAME'",
+            )
         config = load_experiment(name, overrides)
         run_dir = run_dir or Path("runs") / config.name
         runner = ExperimentRunner(config, run_dir, data_root=data_root, echo=console.print)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,10 +42,11 @@ from distac.data.corruption import CORRUPTIONS, corrupt_unlabeled
 from distac.distributed import Runtime, runtime
 from distac.errors import CheckpointError
 from distac.models.base import ClassifierModel, move_inputs
-from distac.models.inference import predict_logits
+from distac.models.inference import bf16_autocast, predict_logits
 from distac.resume import (
     SHARDED_META_FILE,  # noqa: F401  (re-exported: the FSDP state's JSON file)
     check_resume_options,
+    clear_state,
     load_sharded_state,
     load_state,
     resume_options,
@@ -83,7 +83,7 @@ class ConditionConfig:
     checkpoint_every: int | None = 50
     seed: int = 0
     device: str = "auto"
-    mixed_precision: bool = False  # bf16 autocast, CUDA only
+    mixed_precision: bool = False  # bf16 autocast, CUDA only (elsewhere: float32 and a warning)
 
     def __post_init__(self) -> None:
         # ConfigError (a ValueError) naming the option, e.g. "condition.kappa must be in (0.0, 10.0], got -1"
@@ -160,7 +160,7 @@ def condition(
     """
     rt = runtime(config.device)
     device = rt.device
-    autocast = config.mixed_precision and device.type == "cuda"
+    autocast = bf16_autocast(config.mixed_precision, device)
     torch.manual_seed(config.seed)
     teacher = teacher.eval()
     for p in teacher.parameters():
@@ -291,10 +291,7 @@ def condition(
     student.eval()
     rt.barrier()
     if state_file is not None and rt.is_main:
-        if state_file.is_file():
-            state_file.unlink()
-        if rt.sharded:
-            shutil.rmtree(state_file.parent / SHARDED_STATE_DIR, ignore_errors=True)
+        clear_state(state_file, state_file.parent / SHARDED_STATE_DIR)
     return ConditionResult(student, history, time.perf_counter() - started, asdict(config))
 
 

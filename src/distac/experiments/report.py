@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -232,80 +234,77 @@ def unlabeled_data_markdown(study: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_smoothing_sweep(sweep: dict[str, Any], path: Path) -> None:
-    """Figure 4 analog: merged absolute score against label-smoothing alpha, with and without DisTaC."""
+@contextmanager
+def _figure(path: Path, *, ncols: int = 1, figsize: tuple[float, float]) -> Iterator[Any]:
+    """A row of ``ncols`` axes (an array, even for one); on exit the figure is laid out,
+    written to ``path`` atomically as a PNG, and closed. Headless (Agg): reports run on servers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    alphas = [p["alpha"] for p in sweep["points"]]
-    for i, method in enumerate(sweep["methods"]):
-        color = f"C{i}"
-        label = METHOD_LABELS.get(method, method)
-        for variant, style, suffix in (("plain", "--", ""), ("distac", "-", " + DisTaC")):
-            ys = [100 * p[variant][method]["absolute"] if variant in p else float("nan") for p in sweep["points"]]
-            ax.plot(alphas, ys, style, marker="o", color=color, label=label + suffix)
-    ax.set_xlabel("label smoothing alpha of every source")
-    ax.set_ylabel("merged test score (%)")
-    ax.set_title("merge vs source confidence")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
+    fig, axes = plt.subplots(1, ncols, figsize=figsize, squeeze=False)
+    try:
+        yield axes[0]
+        fig.tight_layout()
+        atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    finally:
+        plt.close(fig)
+
+
+def plot_smoothing_sweep(sweep: dict[str, Any], path: Path) -> None:
+    """Figure 4 analog: merged absolute score against label-smoothing alpha, with and without DisTaC."""
+    with _figure(path, figsize=(5.5, 3.8)) as axes:
+        ax = axes[0]
+        alphas = [p["alpha"] for p in sweep["points"]]
+        for i, method in enumerate(sweep["methods"]):
+            color = f"C{i}"
+            label = METHOD_LABELS.get(method, method)
+            for variant, style, suffix in (("plain", "--", ""), ("distac", "-", " + DisTaC")):
+                ys = [100 * p[variant][method]["absolute"] if variant in p else float("nan") for p in sweep["points"]]
+                ax.plot(alphas, ys, style, marker="o", color=color, label=label + suffix)
+        ax.set_xlabel("label smoothing alpha of every source")
+        ax.set_ylabel("merged test score (%)")
+        ax.set_title("merge vs source confidence")
+        ax.legend(fontsize=7)
 
 
 def plot_scale_curve(curve: dict[str, Any], path: Path) -> None:
     """Figure 3 analog: single-task test score against the task-vector scale s (theta_pre + s * tau)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for task, points in curve["curves"].items():
-        ax.plot([p["scale"] for p in points], [100 * p["score"] for p in points], marker="o", label=task)
-    ax.axvline(1.0, color="k", linestyle=":", linewidth=1)
-    ax.set_xlabel("task-vector scale s")
-    ax.set_ylabel("single-task test score (%)")
-    ax.set_title("accuracy of theta_pre + s * tau")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
+    with _figure(path, figsize=(5.5, 3.8)) as axes:
+        ax = axes[0]
+        for task, points in curve["curves"].items():
+            ax.plot([p["scale"] for p in points], [100 * p["score"] for p in points], marker="o", label=task)
+        ax.axvline(1.0, color="k", linestyle=":", linewidth=1)
+        ax.set_xlabel("task-vector scale s")
+        ax.set_ylabel("single-task test score (%)")
+        ax.set_title("accuracy of theta_pre + s * tau")
+        ax.legend(fontsize=7)
 
 
 def plot_table1(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     scenarios = list(results["scenarios"])
     methods = results["config"]["methods"]
-    fig, axes = plt.subplots(1, len(scenarios), figsize=(4.5 * len(scenarios), 3.6), squeeze=False)
-    for ax, scenario in zip(axes[0], scenarios, strict=True):
-        avg = results["scenarios"][scenario]["average"]
-        xs = range(len(methods))
-        plain = [100 * avg["plain"].get(m, {}).get("absolute", 0) for m in methods]
-        ax.bar([x - 0.2 for x in xs], plain, width=0.4, label="merge")
-        if "distac" in avg:
-            ax.bar(
-                [x + 0.2 for x in xs],
-                [100 * avg["distac"].get(m, {}).get("absolute", 0) for m in methods],
-                width=0.4,
-                label="+ DisTaC",
-            )
-        ind = 100 * avg["plain"]["individual"]["absolute"]
-        ax.axhline(ind, color="k", linestyle="--", linewidth=1, label="individual")
-        ax.set_xticks(list(xs), [METHOD_LABELS.get(m, m) for m in methods], rotation=45, ha="right", fontsize=8)
-        ax.set_title(SCENARIO_LABELS.get(scenario, scenario))
-        ax.set_ylabel("avg accuracy (%)")
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
+    with _figure(path, ncols=len(scenarios), figsize=(4.5 * len(scenarios), 3.6)) as axes:
+        for ax, scenario in zip(axes, scenarios, strict=True):
+            avg = results["scenarios"][scenario]["average"]
+            xs = range(len(methods))
+            plain = [100 * avg["plain"].get(m, {}).get("absolute", 0) for m in methods]
+            ax.bar([x - 0.2 for x in xs], plain, width=0.4, label="merge")
+            if "distac" in avg:
+                ax.bar(
+                    [x + 0.2 for x in xs],
+                    [100 * avg["distac"].get(m, {}).get("absolute", 0) for m in methods],
+                    width=0.4,
+                    label="+ DisTaC",
+                )
+            ind = 100 * avg["plain"]["individual"]["absolute"]
+            ax.axhline(ind, color="k", linestyle="--", linewidth=1, label="individual")
+            ax.set_xticks(list(xs), [METHOD_LABELS.get(m, m) for m in methods], rotation=45, ha="right", fontsize=8)
+            ax.set_title(SCENARIO_LABELS.get(scenario, scenario))
+            ax.set_ylabel("avg accuracy (%)")
+        # the legend goes where every series appears (the Original column has no DisTaC bars)
+        max(axes, key=lambda ax: len(ax.get_legend_handles_labels()[1])).legend(fontsize=8)
 
 
 def _scenario_recipes(results: dict[str, Any]) -> dict[str, set[str]]:
@@ -327,31 +326,24 @@ def plot_condition_histories(run_dir: Path, path: Path, scenarios: dict[str, set
         ]
     if not records:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for record in records:
-        history = [h for h in record.get("history", []) if isinstance(h, dict)]
-        label = f"{record['scenario']}:{record['task']}"
-        steps = [h.get("step", i) for i, h in enumerate(history)]
-        for ax, key in zip(axes, ("val_accuracy", "norm_ratio_to_original", "entropy"), strict=True):
-            ys = [h.get(key) for h in history]
-            if any(y is not None for y in ys):
-                ax.plot(
-                    [s for s, y in zip(steps, ys, strict=True) if y is not None],
-                    [y for y in ys if y is not None],
-                    label=label,
-                )
-    for ax, title in zip(
-        axes, ("validation accuracy", "||tau|| / ||tau_original||", "prediction entropy"), strict=True
-    ):
-        ax.set_title(title)
-        ax.set_xlabel("step")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
-    return True
+    with _figure(path, ncols=3, figsize=(13, 3.6)) as axes:
+        for record in records:
+            history = [h for h in record.get("history", []) if isinstance(h, dict)]
+            label = f"{record['scenario']}:{record['task']}"
+            steps = [h.get("step", i) for i, h in enumerate(history)]
+            for ax, key in zip(axes, ("val_accuracy", "norm_ratio_to_original", "entropy"), strict=True):
+                ys = [h.get(key) for h in history]
+                if any(y is not None for y in ys):
+                    ax.plot(
+                        [s for s, y in zip(steps, ys, strict=True) if y is not None],
+                        [y for y in ys if y is not None],
+                        label=label,
+                    )
+        for ax, title in zip(
+            axes, ("validation accuracy", "||tau|| / ||tau_original||", "prediction entropy"), strict=True
+        ):
+            ax.set_title(title)
+            ax.set_xlabel("step")
+        runs = len(axes[0].get_legend_handles_labels()[1])
+        axes[-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), ncol=max(1, -(-runs // 14)))
+        return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -10,12 +11,24 @@ import torch
 
 from distac.models.base import ClassifierModel, Inputs, move_inputs
 
+log = logging.getLogger("distac.models")
+
 
 def pick_device(requested: str | None = None) -> torch.device:
     """``auto`` (or None) = CUDA when available, else CPU."""
     if requested in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)
+
+
+def bf16_autocast(requested: bool, device: torch.device) -> bool:
+    """Whether to run under bf16 autocast: only on CUDA. A request on another device is ignored with a
+    warning (CPUs without bf16 units run autocast slower than float32), so a config written for a GPU
+    still runs on a laptop and says why it is not mixed precision there."""
+    if requested and device.type != "cuda":
+        log.warning("mixed_precision (bf16 autocast) applies on CUDA only; running in float32 on %s", device)
+        return False
+    return requested
 
 
 def batches(raw: Sequence[Any] | np.ndarray, batch_size: int) -> Iterator[tuple[int, Any]]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +29,10 @@ from distac.config import build_dataclass, check_device_option, check_option, ch
 from distac.data import TaskData
 from distac.distributed import Runtime, runtime
 from distac.models.base import ClassifierModel, move_inputs
-from distac.models.inference import predict_logits
+from distac.models.inference import bf16_autocast, predict_logits
 from distac.resume import (
     check_resume_options,
+    clear_state,
     load_sharded_state,
     load_state,
     restore_rng_states,
@@ -63,7 +63,7 @@ class FinetuneConfig:
     grad_clip: float | None = 1.0
     seed: int = 0
     device: str = "auto"
-    mixed_precision: bool = False  # bf16 autocast, CUDA only
+    mixed_precision: bool = False  # bf16 autocast, CUDA only (elsewhere: float32 and a warning)
     max_train_examples: int | None = None
     eval_every: int | None = None
     eval_examples: int = 200
@@ -228,7 +228,7 @@ def finetune(
             restore(meta, sharded_dir)
     if start_step and rt.is_main:
         log.info("fine-tune %s: resuming from step %d of %d (%s)", task.name, start_step, config.steps, work_dir)
-    autocast = config.mixed_precision and device.type == "cuda"
+    autocast = bf16_autocast(config.mixed_precision, device)
     mixup = config.loss.kind == "mixup"
     start = time.perf_counter()
     with progress_bar(f"fine-tune {task.name}", config.steps, progress and rt.is_main) as bar:
@@ -296,10 +296,8 @@ def finetune(
         if state:
             model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
     rt.barrier()
-    if state_file is not None and rt.is_main:
-        state_file.unlink(missing_ok=True)
-        if rt.sharded:
-            shutil.rmtree(sharded_dir, ignore_errors=True)
+    if state_file is not None and sharded_dir is not None and rt.is_main:
+        clear_state(state_file, sharded_dir)
     model.eval()
     return FinetuneResult(losses, evaluations, seconds_before + time.perf_counter() - start, config.steps)
 
