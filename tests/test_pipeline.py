@@ -5,6 +5,7 @@ and resume without recomputation."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,17 @@ def test_pipeline_runs_every_scenario_and_resumes(
     monkeypatch.setattr(conditioning, "condition", forbidden)
     again = ExperimentRunner(config, tmp_path, data_root=data_root, echo=lambda _: None).run()
     assert _without_timings(again["scenarios"]) == _without_timings(results["scenarios"])
+
+    # Changing one method's options redoes that method's merges only (sources stay cached).
+    messages: list[str] = []
+    changed = replace(config, method_options={"ties": {"density": 0.5}})
+    rerun = ExperimentRunner(changed, tmp_path, data_root=data_root, echo=messages.append).run(["original"], [])
+    assert any("original" in m and "ties options changed" in m for m in messages), messages
+    assert not any("task_arithmetic options changed" in m for m in messages)
+    ties = rerun["scenarios"]["original"]["average"]["plain"]["ties"]
+    assert ties["info"]["hyperparameters"]["density"] == 0.5
+    cached = json.loads(next(tmp_path.glob("merges/original/*/ties.json")).read_text())
+    assert cached["info"]["hyperparameters"]["density"] == 0.5
 
 
 def _without_timings(value: object) -> object:
