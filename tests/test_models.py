@@ -114,3 +114,31 @@ def test_mixed_precision_request_off_cuda_is_float32_with_a_warning(caplog: pyte
     assert bf16_autocast(True, torch.device("cuda")) is True
     assert bf16_autocast(False, torch.device("cuda")) is False
     assert caplog.text == ""
+
+
+@pytest.mark.parametrize("family", ["hf-text", "clip"])
+def test_a_float16_checkpoint_loads_as_float32(
+    family: str, tiny_bert_dir: Path, tiny_clip_dir: Path, tmp_path: Path
+) -> None:
+    """Half-precision checkpoints (the usual way to ship weights) train and merge in float32:
+    transformers 5 would otherwise keep them in float16."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    source = tiny_bert_dir if family == "hf-text" else tiny_clip_dir
+    half = tmp_path / "half"
+    shutil.copytree(source, half)
+    weights = load_file(half / "model.safetensors")
+    save_file({k: v.half() for k, v in weights.items()}, half / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((half / "config.json").read_text())
+    config["dtype"] = "float16"  # as save_pretrained writes it for a model in half precision
+    (half / "config.json").write_text(json.dumps(config))
+    names = ["cat", "dog"]
+    model = build_model(ModelSpec(family, str(half), 2, task="toy", class_names=names))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    reference = build_model(ModelSpec(family, str(source), 2, task="toy", class_names=names)).state_dict()
+    for key, value in model.state_dict().items():
+        if key.startswith("backbone.") and value.is_floating_point():
+            assert torch.equal(value, reference[key].half().float()), key  # the file's values, widened

@@ -85,6 +85,7 @@ class CLIPClassifier(ClassifierModel):
         source = str(local_dir) if local_dir is not None and (local_dir / "config.json").is_file() else spec.backbone
         self.source_path = source
         clip = CLIPModel.from_pretrained(source) if pretrained else CLIPModel(CLIPConfig.from_pretrained(source))
+        clip = clip.float()  # float32 whatever the checkpoint's dtype (see TextClassifier)
         self.processor = CLIPImageProcessor.from_pretrained(source)
         self.tokenizer = AutoTokenizer.from_pretrained(source)
         if not spec.class_names or len(spec.class_names) != spec.num_labels:

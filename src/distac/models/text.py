@@ -47,10 +47,13 @@ class TextClassifier(ClassifierModel):
         source = _resolve_backbone_path(spec, local_dir)
         self.source_path = source
         if pretrained:
-            self.backbone = AutoModel.from_pretrained(source, add_pooling_layer=False)
+            backbone = AutoModel.from_pretrained(source, add_pooling_layer=False)
         else:
-            config = AutoConfig.from_pretrained(source)
-            self.backbone = AutoModel.from_config(config, add_pooling_layer=False)
+            backbone = AutoModel.from_config(AutoConfig.from_pretrained(source), add_pooling_layer=False)
+        # float32 weights whatever the checkpoint's dtype (transformers 5 keeps a float16 file in
+        # float16): training, distillation and task-vector arithmetic need full-precision weights;
+        # mixed precision is autocast's job.
+        self.backbone = backbone.float()
         self.tokenizer = AutoTokenizer.from_pretrained(source)
         self.pooling: str = spec.options.get("pooling", "mean")
         if self.pooling not in {"mean", "cls"}:
