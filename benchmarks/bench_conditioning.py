@@ -38,6 +38,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--backbone", default="all-MiniLM-L6-v2", help="all-MiniLM-L6-v2 or a copy of it (e.g. the GPU kit's)"
+    )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=64)
@@ -52,7 +55,7 @@ def main() -> None:
     task = load_task("sst2", args.data_root).limit(train=args.unlabeled, validation=64, test=64, seed=args.seed)
     spec = ModelSpec(
         "hf-text",
-        "all-MiniLM-L6-v2",
+        args.backbone,
         task.num_classes,
         task=task.name,
         class_names=task.class_names,
