@@ -105,6 +105,20 @@ def build_dataclass(cls: type[T], values: Mapping[str, Any], where: str = "confi
         raise ConfigError(f"{where}: {exc}") from exc
 
 
+def outside_interval(
+    value: float, low: float | None, high: float | None, low_inclusive: bool = True, high_inclusive: bool = True
+) -> str | None:
+    """The interval as text (``[0, 1)``) when ``value`` lies outside it, else None. Shared by config
+    options and merge hyperparameters so both report ranges the same way."""
+    too_low = low is not None and (value < low or (not low_inclusive and value == low))
+    too_high = high is not None and (value > high or (not high_inclusive and value == high))
+    if not (too_low or too_high):
+        return None
+    left = "[" if low_inclusive else "("
+    right = "]" if high_inclusive else ")"
+    return f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+
+
 def check_option(
     owner: str,
     name: str,
@@ -127,12 +141,8 @@ def check_option(
         raise ConfigError(f"{owner}.{name} must be finite, got {value!r}")
     if integer and not isinstance(value, numbers.Integral):
         raise ConfigError(f"{owner}.{name} must be an integer, got {value!r}")
-    too_low = low is not None and (value < low or (not low_inclusive and value == low))
-    too_high = high is not None and (value > high or (not high_inclusive and value == high))
-    if too_low or too_high:
-        left = "[" if low_inclusive else "("
-        right = "]" if high_inclusive else ")"
-        interval = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+    interval = outside_interval(value, low, high, low_inclusive, high_inclusive)
+    if interval:
         raise ConfigError(f"{owner}.{name} must be in {interval}, got {value!r}")
 
 

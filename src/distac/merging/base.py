@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from distac.config import outside_interval
 from distac.errors import ConfigError
 
 log = logging.getLogger("distac.merging")
@@ -292,12 +293,8 @@ def check_number(
         raise MergeConfigError(f"{name} is too large: {value!r}")
     if integer and not float(value).is_integer():
         raise MergeConfigError(f"{name} must be an integer, got {value!r}")
-    too_low = low is not None and (value < low or (not low_inclusive and value == low))
-    too_high = high is not None and (value > high or (not high_inclusive and value == high))
-    if too_low or too_high:
-        left = "[" if low_inclusive else "("
-        right = "]" if high_inclusive else ")"
-        interval = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+    interval = outside_interval(value, low, high, low_inclusive, high_inclusive)
+    if interval:
         raise MergeConfigError(f"{name} must be in {interval}, got {value!r}")
     return value
 
