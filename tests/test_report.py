@@ -3,7 +3,11 @@ sign agreement computed from the numbers."""
 
 from __future__ import annotations
 
-from distac.experiments.report import paper_comparison_markdown
+import math
+
+import pytest
+
+from distac.experiments.report import noise_band_points, paper_comparison_markdown
 
 
 def _entry(absolute: float) -> dict[str, float]:
@@ -14,7 +18,16 @@ def test_paper_comparison_reports_differences_and_sign_agreement() -> None:
     results = {
         "config": {"methods": ["task_arithmetic", "emr", "average"]},
         "scenarios": {
-            "original": {"average": {"plain": {"task_arithmetic": _entry(0.473), "emr": _entry(0.552)}}},
+            "original": {
+                "average": {
+                    "plain": {
+                        "individual": {"test": {"a": {"n": 2000}, "b": {"n": 2000}}},
+                        "task_arithmetic": _entry(0.473),
+                        "emr": _entry(0.552),
+                    }
+                }
+            },
+            "low_confidence": {"average": {"plain": {"task_arithmetic": _entry(0.468)}}},
             "norm_mismatch": {
                 "average": {
                     "plain": {"task_arithmetic": _entry(0.403), "emr": _entry(0.571)},
@@ -24,10 +37,26 @@ def test_paper_comparison_reports_differences_and_sign_agreement() -> None:
         },
     }
     table = paper_comparison_markdown(results)
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines()[4:]}
+    body = [line for line in table.splitlines()[4:] if line.startswith("|")]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in body}
     assert set(rows) == {"Task arithmetic", "EMR"}  # no paper number for plain averaging
     # TA: paper NM drop 63.6 - 70.4 = -6.8; ours 40.3 - 47.3 = -7.0 (agrees); DisTaC +6.4 vs ours +6.5
     assert rows["Task arithmetic"][:4] == ["-6.8", "-7.0 ✓", "+6.4", "+6.5 ✓"]
     # EMR: the paper's norm mismatch costs 8.5 points; ours gains 1.9 (disagrees); DisTaC then loses 2.4
     assert rows["EMR"][:4] == ["-8.5", "+1.9 ✗", "+8.1", "-2.4 ✗"]
+    # a 0.5-point change is inside the noise band (1.1 points for 2 x 2000 test examples): no claim
+    assert rows["Task arithmetic"][5] == "-0.5 ≈"
     assert rows["EMR"][5] == "-" and rows["EMR"][7] == "-"  # no low-confidence run: no claim either way
+    assert "smaller than 1.1 points" in table
+
+
+def test_noise_band_is_one_standard_error_of_a_difference_of_averages() -> None:
+    def results(*sizes: int) -> dict:
+        tests = {f"t{i}": {"n": n} for i, n in enumerate(sizes)}
+        return {"scenarios": {"original": {"average": {"plain": {"individual": {"test": tests}}}}}}
+
+    # one task of n examples: sqrt(2 * 0.25 / n), in points
+    assert noise_band_points(results(200)) == pytest.approx(100 * math.sqrt(0.5 / 200))
+    # T equal tasks: the average is T times less noisy in variance
+    assert noise_band_points(results(200, 200, 200, 200)) == pytest.approx(100 * math.sqrt(0.5 / 200) / 2)
+    assert noise_band_points({"scenarios": {}}) == 0.0  # no test sizes recorded: no band

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,8 +48,10 @@ PAPER_TABLE1_VIT_B32: dict[str, tuple[float, float, float, float, float]] = {
 def paper_comparison_markdown(results: dict[str, Any]) -> str:
     """Our effects next to the paper's, in absolute points: how much each failure mode costs a
     merge (vs original) and how much DisTaC gives back. Scales differ, so compare signs and sizes,
-    not levels. A check mark means the sign agrees with the paper's (or both are within 0.5 points)."""
+    not levels. ✓: the sign agrees with the paper's; ✗: it does not; ≈: our effect is smaller than
+    the noise band (:func:`noise_band_points`), so it shows no measurable effect either way."""
     scenarios = results["scenarios"]
+    band = noise_band_points(results)
 
     def score(scenario: str, variant: str, method: str) -> float | None:
         entry = scenarios.get(scenario, {}).get("average", {}).get(variant, {}).get(method)
@@ -60,8 +63,9 @@ def paper_comparison_markdown(results: dict[str, Any]) -> str:
     def agree(ours: float | None, paper: float) -> str:
         if ours is None:
             return "-"
-        mark = "✓" if (ours > 0) == (paper > 0) or (abs(ours) < 0.5 and abs(paper) < 0.5) else "✗"
-        return f"{ours:+.1f} {mark}"
+        if abs(ours) < band:
+            return f"{ours:+.1f} ≈"
+        return f"{ours:+.1f} {'✓' if (ours > 0) == (paper > 0) else '✗'}"
 
     lines = [
         "### Effects next to the paper's (ViT-B/32 Table 1), absolute points",
@@ -83,7 +87,29 @@ def paper_comparison_markdown(results: dict[str, Any]) -> str:
             f"| {p_lc - p_orig:+.1f} | {agree(diff(lc, orig), p_lc - p_orig)} "
             f"| {p_lc_d - p_lc:+.1f} | {agree(diff(lc_d, lc), p_lc_d - p_lc)} |"
         )
+    lines += [
+        "",
+        f"✓ / ✗: our effect has the paper's sign / the opposite sign. ≈: smaller than {band:.1f} points, one "
+        "standard error of a difference between two merged averages on these test sets (binomial, p = 0.5), "
+        "so no measurable effect.",
+    ]
     return "\n".join(lines) + "\n"
+
+
+def noise_band_points(results: dict[str, Any]) -> float:
+    """One standard error, in points, of the difference between two task-averaged test scores:
+    sqrt(2) * sqrt(sum_t 0.25 / n_t) / T, the binomial worst case (p = 0.5) with n_t test examples per
+    task, treating the two merges as independent (conservative: merges of the same test inputs are
+    correlated). Effects below it are not distinguishable from test-set noise."""
+    sizes: list[int] = []
+    for scenario in results["scenarios"].values():
+        tests = scenario.get("average", {}).get("plain", {}).get("individual", {}).get("test", {})
+        sizes = [int(entry["n"]) for entry in tests.values() if entry.get("n")]
+        if sizes:
+            break
+    if not sizes:
+        return 0.0
+    return 100 * math.sqrt(2 * sum(0.25 / n for n in sizes)) / len(sizes)
 
 
 def _stage_seconds_line(stages: dict[str, float] | None) -> str:
