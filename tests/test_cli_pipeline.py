@@ -220,6 +220,7 @@ def test_demo_command_runs_every_stage_and_prints_the_table(tmp_path: Path, tiny
         ]
     )
     assert "source diagnosis" in output and "merged test score" in output and "demo finished" in output
+    assert "fine-tuning sst2 [lr_x10]" in output  # bracketed names are printed, not eaten as markup
     assert "Task arithmetic" in output and "TIES" in output and "individual" in output
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert set(results["scenarios"]) == {"original", "norm_mismatch"}

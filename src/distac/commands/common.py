@@ -13,6 +13,13 @@ from rich.table import Table
 
 console = Console(stderr=False)
 
+
+def echo(message: str) -> None:
+    """Print a progress line verbatim: pipeline messages hold names in brackets (``[lr_x10]``) that
+    rich would otherwise take for markup and drop."""
+    console.print(message, markup=False)
+
+
 CONFIG_OPTION = typer.Option(None, "--config", "-c", help="YAML config file; flags given here override it.")
 SET_OPTION = typer.Option(
     [], "--set", help="Override a config value, e.g. --set steps=500 (YAML syntax for the value). Repeatable."

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from distac.commands.common import DATA_ROOT_OPTION, SET_OPTION, console, print_table
+from distac.commands.common import DATA_ROOT_OPTION, SET_OPTION, console, echo, print_table
 
 
 def register(app: typer.Typer) -> None:
@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
 
         start = time.perf_counter()
         config = load_experiment("demo", overrides)
-        runner = ExperimentRunner(config, run_dir, data_root=data_root, echo=console.print)
+        runner = ExperimentRunner(config, run_dir, data_root=data_root, echo=echo)
         console.rule("1. fine-tune sources (one with a 10x learning rate)")
         spec = config.scenarios["norm_mismatch"]
         long_task = (spec.get("long_tasks") or config.tasks)[0]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from distac.commands.common import DATA_ROOT_OPTION, SET_OPTION, console
+from distac.commands.common import DATA_ROOT_OPTION, SET_OPTION, console, echo
 
 
 def register(app: typer.Typer) -> None:
@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
             )
         config = load_experiment(name, overrides)
         run_dir = run_dir or Path("runs") / config.name
-        runner = ExperimentRunner(config, run_dir, data_root=data_root, echo=console.print)
+        runner = ExperimentRunner(config, run_dir, data_root=data_root, echo=echo)
         studies = None if not study else [s for s in study if s != "none"]
         runner.run(scenario or None, studies)
         report = write_report(run_dir)
