@@ -10,7 +10,7 @@ from distac.experiments.config import available_experiments, load_experiment
 
 def test_bundled_configs_load() -> None:
     names = available_experiments()
-    assert {"demo", "text8", "vision", "clip-vit-b32", "text-confident"} <= set(names)
+    assert {"demo", "text8", "vision", "clip-vit-b32", "text-confident", "text-zeroshot"} <= set(names)
     for name in names:
         config = load_experiment(name)
         assert config.tasks and config.methods

@@ -142,3 +142,32 @@ def test_a_float16_checkpoint_loads_as_float32(
     for key, value in model.state_dict().items():
         if key.startswith("backbone.") and value.is_floating_point():
             assert torch.equal(value, reference[key].half().float()), key  # the file's values, widened
+
+
+def test_text_zero_shot_head_is_frozen_class_name_embeddings(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """The CLIP-style head for text: scale * cos(features, embedding of the class name), never trained."""
+    import torch.nn.functional as F
+
+    from distac.models.base import ZeroShotHead
+
+    names = ["negative", "positive"]
+    spec = ModelSpec("hf-text", str(tiny_bert_dir), 2, task="toy", class_names=names, options={"head": "zero_shot"})
+    model = build_model(spec)
+    assert isinstance(model.head, ZeroShotHead) and not list(model.head.parameters())
+    assert {id(p) for p in model.trainable_parameters()} == {id(p) for p in model.backbone.parameters()}
+    expected = F.normalize(model.features(model.encode(names)), dim=-1)
+    assert torch.allclose(model.head.weight, expected, atol=1e-6)
+    raw = ["a fine film", "a dull film", ("premise", "hypothesis")]
+    logits = model(model.encode(raw))
+    cosine = F.normalize(model.features(model.encode(raw)), dim=-1) @ expected.t()
+    assert torch.allclose(logits, 100.0 * cosine, atol=1e-4)
+    # each class name is classified as itself
+    assert model(model.encode(names)).argmax(-1).tolist() == [0, 1]
+    save_model(model, tmp_path / "zs")
+    again = load_model(tmp_path / "zs")
+    assert isinstance(again.head, ZeroShotHead)
+    assert torch.allclose(again(again.encode(raw)), logits, atol=1e-5)
+    with pytest.raises(DataError, match="needs 2 class names"):
+        build_model(ModelSpec("hf-text", str(tiny_bert_dir), 2, task="toy", options={"head": "zero_shot"}))
+    with pytest.raises(ValueError, match="unknown head"):
+        build_model(ModelSpec("hf-text", str(tiny_bert_dir), 2, task="toy", options={"head": "mlp"}))

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from distac.errors import CheckpointError, DataError
@@ -164,6 +165,22 @@ class ClassifierModel(nn.Module, ABC):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+
+class ZeroShotHead(nn.Module):
+    """Frozen class embeddings [C, D] and a fixed logit scale: ``scale * cos(feature, class)``.
+
+    CLIP's zero-shot head (text embeddings of prompts) and its analog for sentence encoders (the
+    encoder's own embeddings of the class names). Buffers, not parameters: fine-tuning never moves
+    them, so everything a source learns, its confidence included, lives in the merged backbone."""
+
+    def __init__(self, class_embeddings: torch.Tensor, logit_scale: float) -> None:
+        super().__init__()
+        self.register_buffer("weight", F.normalize(class_embeddings.float(), dim=-1))
+        self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.logit_scale * F.normalize(features, dim=-1) @ self.weight.t().to(features.dtype)
 
 
 def statistic_patterns() -> tuple[str, ...]:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distac.errors import DataError
-from distac.models.base import ClassifierModel, Inputs, ModelSpec
+from distac.models.base import ClassifierModel, Inputs, ModelSpec, ZeroShotHead
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -32,18 +32,6 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
     "a cropped photo of a {}.",
     "a close-up photo of a {}.",
 )
-
-
-class ZeroShotHead(nn.Module):
-    """Frozen class embeddings [C, D] and CLIP's logit scale; per task, never merged."""
-
-    def __init__(self, class_embeddings: torch.Tensor, logit_scale: float) -> None:
-        super().__init__()
-        self.register_buffer("weight", F.normalize(class_embeddings.float(), dim=-1))
-        self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
-
-    def forward(self, image_embeddings: torch.Tensor) -> torch.Tensor:
-        return self.logit_scale * F.normalize(image_embeddings, dim=-1) @ self.weight.t().to(image_embeddings.dtype)
 
 
 class CLIPVisionBackbone(nn.Module):

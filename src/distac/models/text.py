@@ -1,8 +1,14 @@
-"""Transformers text encoders (BERT / MiniLM / RoBERTa ...) with a per-task linear head.
+"""Transformers text encoders (BERT / MiniLM / RoBERTa ...) with a per-task head.
 
 Pooling follows how the backbone was trained: ``mean`` over non-padding tokens for
 sentence-transformers models such as all-MiniLM-L6-v2, ``cls`` for classic BERT/RoBERTa
 classification. Inputs are sentence pairs ``(text_a, text_b or None)``.
+
+The head (option ``head``) is a trained linear layer (``linear``, the default: sequence
+classification as usually fine-tuned), or ``zero_shot``: the frozen, normalised embeddings of the
+class names through the pretrained encoder itself, times a fixed ``logit_scale`` (100, CLIP's).
+That is the paper's CLIP setting for text: only the merged encoder learns, so a source's confidence
+lives in its task vector rather than in a head that is never merged.
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from distac.models.base import ClassifierModel, Inputs, ModelSpec
+from distac.errors import DataError
+from distac.models.base import ClassifierModel, Inputs, ModelSpec, ZeroShotHead
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -59,12 +66,36 @@ class TextClassifier(ClassifierModel):
         if self.pooling not in {"mean", "cls"}:
             raise ValueError(f"unknown pooling {self.pooling!r} (use 'mean' or 'cls')")
         self.max_length: int = int(spec.options.get("max_length", 128))
-        hidden = int(self.backbone.config.hidden_size)
-        self.head = nn.Linear(hidden, spec.num_labels)
-        generator = torch.Generator().manual_seed(int(spec.options.get("head_seed", 0)))
-        with torch.no_grad():  # deterministic head init so "the pretrained model for task t" is reproducible
-            self.head.weight.normal_(0.0, 0.02, generator=generator)
-            self.head.bias.zero_()
+        head = spec.options.get("head", "linear")
+        if head == "zero_shot":
+            self.head: nn.Module = self._zero_shot_head(spec)
+        elif head == "linear":
+            self.head = nn.Linear(int(self.backbone.config.hidden_size), spec.num_labels)
+            generator = torch.Generator().manual_seed(int(spec.options.get("head_seed", 0)))
+            with torch.no_grad():  # deterministic head init so "the pretrained model for task t" is reproducible
+                self.head.weight.normal_(0.0, 0.02, generator=generator)
+                self.head.bias.zero_()
+        else:
+            raise ValueError(f"unknown head {head!r} (use 'linear' or 'zero_shot')")
+
+    @torch.no_grad()
+    def _zero_shot_head(self, spec: ModelSpec) -> ZeroShotHead:
+        """Class-name embeddings through this (pretrained) encoder, averaged over ``templates``."""
+        names = list(spec.class_names or [])
+        if len(names) != spec.num_labels:
+            raise DataError(
+                f"zero-shot head for task {spec.task!r} needs {spec.num_labels} class names, got {len(names)}"
+            )
+        templates = list(spec.options.get("templates") or ["{}"])
+        was_training = self.backbone.training
+        self.backbone.eval()
+        rows = []
+        for name in names:
+            prompts = [template.format(name.replace("_", " ")) for template in templates]
+            embedded = torch.nn.functional.normalize(self.features(self.encode(prompts)), dim=-1)
+            rows.append(embedded.mean(0))
+        self.backbone.train(was_training)
+        return ZeroShotHead(torch.stack(rows), float(spec.options.get("logit_scale", 100.0)))
 
     def encode(self, raw: Sequence[Any]) -> Inputs:
         texts_a = [r[0] if isinstance(r, (tuple, list)) else r for r in raw]
