@@ -20,7 +20,7 @@ from distac.data.shared import default_data_root
 from distac.models.text import resolve_named_backbone
 
 ROOT = Path(__file__).resolve().parent.parent
-TASKS = ("sst2", "agnews_small", "trec", "snli_small")  # the text-confident experiment's
+TASKS = ("sst2", "agnews_small", "trec", "snli_small")  # text-zeroshot's and text-confident's
 LIMIT_MIB = 64
 
 
@@ -44,9 +44,9 @@ def main() -> None:
     data_root = args.data_root or default_data_root()
     for task in args.tasks:
         shutil.copytree(Path(data_root) / "text" / task, args.out / "data" / "text" / task)
-    for extra in ("SUMMARY.json",):
-        if (Path(data_root) / "text" / extra).is_file():
-            shutil.copyfile(Path(data_root) / "text" / extra, args.out / "data" / "text" / extra)
+    summary = Path(data_root) / "text" / "SUMMARY.json"
+    if summary.is_file():
+        shutil.copyfile(summary, args.out / "data" / "text" / summary.name)
 
     size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file()) / 2**20
     print(f"{args.out}: {size:.1f} MiB (device carry limit {LIMIT_MIB} MiB, with the working tree)")

@@ -171,3 +171,14 @@ def test_text_zero_shot_head_is_frozen_class_name_embeddings(tiny_bert_dir: Path
         build_model(ModelSpec("hf-text", str(tiny_bert_dir), 2, task="toy", options={"head": "zero_shot"}))
     with pytest.raises(ValueError, match="unknown head"):
         build_model(ModelSpec("hf-text", str(tiny_bert_dir), 2, task="toy", options={"head": "mlp"}))
+
+
+def test_predict_logits_with_autocast_off_cuda_warns_and_matches_float32(
+    tiny_bert_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = build_model(ModelSpec("hf-text", str(tiny_bert_dir), 2, task="toy"))
+    raw = ["one text", "another text"]
+    with caplog.at_level("WARNING", logger="distac.models"):
+        logits = predict_logits(model, raw, device="cpu", autocast=True)
+    assert "CUDA only" in caplog.text
+    assert torch.equal(logits, predict_logits(model, raw, device="cpu"))

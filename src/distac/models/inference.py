@@ -47,11 +47,12 @@ def predict_logits(
 ) -> torch.Tensor:
     """Logits for all ``raw`` inputs, float32 on the CPU, in input order; the model is left in eval mode."""
     device = pick_device(str(device) if device is not None else None)
+    autocast = bf16_autocast(autocast, device)
     model.eval().to(device)
     outputs = []
     for _, chunk in batches(raw, batch_size):
         inputs: Inputs = move_inputs(model.encode(chunk), device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast and device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             outputs.append(model(inputs).float().cpu())
     if not outputs:
         raise ValueError("no inputs to predict")
