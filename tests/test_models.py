@@ -31,7 +31,13 @@ def test_label_check_names_the_source(tiny_bert_dir: Path) -> None:
         model.check_labels([0, 1, 4], "train.tsv")
 
 
-def test_clip_zero_shot_head_and_trainable_part(tiny_clip_dir: Path, tmp_path: Path) -> None:
+def _refuse(*args: object, **kwargs: object) -> None:
+    raise AssertionError("load_model must take the zero-shot head from the checkpoint, not recompute it")
+
+
+def test_clip_zero_shot_head_and_trainable_part(
+    tiny_clip_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     spec = ModelSpec("clip", str(tiny_clip_dir), 3, task="toy", class_names=["cat", "dog", "car"])
     model = build_model(spec)
     images = np.random.default_rng(0).integers(0, 255, (5, 28, 28), dtype=np.uint8)  # gray, off-size
@@ -42,6 +48,7 @@ def test_clip_zero_shot_head_and_trainable_part(tiny_clip_dir: Path, tmp_path: P
     assert trainable == {id(p) for p in model.backbone.parameters()}
     assert not any(k.startswith("backbone.text") for k in model.state_dict())  # text tower is not kept
     save_model(model, tmp_path / "clip")
+    monkeypatch.setattr("distac.models.clip.build_zeroshot_embeddings", _refuse)
     again = load_model(tmp_path / "clip")
     assert torch.allclose(again(again.encode(images)), logits, atol=1e-5)
 
@@ -144,7 +151,9 @@ def test_a_float16_checkpoint_loads_as_float32(
             assert torch.equal(value, reference[key].half().float()), key  # the file's values, widened
 
 
-def test_text_zero_shot_head_is_frozen_class_name_embeddings(tiny_bert_dir: Path, tmp_path: Path) -> None:
+def test_text_zero_shot_head_is_frozen_class_name_embeddings(
+    tiny_bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The CLIP-style head for text: scale * cos(features, embedding of the class name), never trained."""
     import torch.nn.functional as F
 
@@ -164,7 +173,9 @@ def test_text_zero_shot_head_is_frozen_class_name_embeddings(tiny_bert_dir: Path
     # each class name is classified as itself
     assert model(model.encode(names)).argmax(-1).tolist() == [0, 1]
     save_model(model, tmp_path / "zs")
-    again = load_model(tmp_path / "zs")
+    with monkeypatch.context() as patched:
+        patched.setattr("distac.models.text.TextClassifier._zero_shot_head", _refuse)
+        again = load_model(tmp_path / "zs")
     assert isinstance(again.head, ZeroShotHead)
     assert torch.allclose(again(again.encode(raw)), logits, atol=1e-5)
     with pytest.raises(DataError, match="needs 2 class names"):

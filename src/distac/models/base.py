@@ -179,6 +179,12 @@ class ZeroShotHead(nn.Module):
         self.register_buffer("weight", F.normalize(class_embeddings.float(), dim=-1))
         self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
 
+    @classmethod
+    def placeholder(cls, num_classes: int, dim: int) -> ZeroShotHead:
+        """A head of the right shape whose buffers a saved checkpoint overwrites (``load_model``):
+        embedding the class names through a randomly initialised encoder would be wasted work."""
+        return cls(torch.zeros(num_classes, dim), 1.0)
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.logit_scale * F.normalize(features, dim=-1) @ self.weight.t().to(features.dtype)
 

@@ -81,10 +81,13 @@ class CLIPClassifier(ClassifierModel):
                 f"CLIP zero-shot head for task {spec.task!r} needs {spec.num_labels} class names, "
                 f"got {len(spec.class_names or [])}"
             )
-        templates = spec.options.get("templates") or DEFAULT_TEMPLATES
-        embeddings = build_zeroshot_embeddings(clip, self.tokenizer, spec.class_names, templates)
         self.backbone = CLIPVisionBackbone(clip.vision_model, clip.visual_projection)
-        self.head = ZeroShotHead(embeddings, float(clip.logit_scale.detach().exp()))
+        if pretrained:
+            templates = spec.options.get("templates") or DEFAULT_TEMPLATES
+            embeddings = build_zeroshot_embeddings(clip, self.tokenizer, spec.class_names, templates)
+            self.head = ZeroShotHead(embeddings, float(clip.logit_scale.detach().exp()))
+        else:  # load_model: the saved head buffers replace it; a random text tower would be wasted work
+            self.head = ZeroShotHead.placeholder(spec.num_labels, int(clip.config.projection_dim))
         self.clip_config = clip.config
         del clip  # the text tower is only needed to build the head
         image_size = self.processor.crop_size or {"height": 224}

@@ -67,8 +67,10 @@ class TextClassifier(ClassifierModel):
             raise ValueError(f"unknown pooling {self.pooling!r} (use 'mean' or 'cls')")
         self.max_length: int = int(spec.options.get("max_length", 128))
         head = spec.options.get("head", "linear")
-        if head == "zero_shot":
-            self.head: nn.Module = self._zero_shot_head(spec)
+        if head == "zero_shot" and not pretrained:  # load_model: the saved buffers replace it
+            self.head: nn.Module = ZeroShotHead.placeholder(spec.num_labels, int(self.backbone.config.hidden_size))
+        elif head == "zero_shot":
+            self.head = self._zero_shot_head(spec)
         elif head == "linear":
             self.head = nn.Linear(int(self.backbone.config.hidden_size), spec.num_labels)
             generator = torch.Generator().manual_seed(int(spec.options.get("head_seed", 0)))
