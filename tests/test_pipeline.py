@@ -74,6 +74,8 @@ def test_pipeline_runs_every_scenario_and_resumes(
     # scale 1 is the fine-tuned source itself: the same score as the individual model
     assert curve["trec"][1]["score"] == pytest.approx(individual["trec"]["score"])
 
+    assert not (tmp_path / "work").exists()  # finished stages leave no empty resume folders behind
+
     stages = results["stage_seconds"]
     assert stages["finetune"] > 0 and stages["condition"] > 0 and stages["merge_and_evaluate"] > 0
     assert stages["finetune"] == pytest.approx(

@@ -138,9 +138,8 @@ class ExperimentRunner:
         self.echo(f"fine-tuning {task} [{recipe}] lr={config.lr:g} loss={config.loss.kind} steps={config.steps}")
         model = build_model(self.spec_for(task), pretrained=True)
         start = time.perf_counter()
-        result = finetune(
-            model, self.task_data(task), config, work_dir=self.run_dir / "work" / "sources" / recipe / task
-        )
+        work_dir = self.run_dir / "work" / "sources" / recipe / task
+        result = finetune(model, self.task_data(task), config, work_dir=work_dir)
         record = {
             "recipe": recipe,
             "task": task,
@@ -149,7 +148,21 @@ class ExperimentRunner:
             "result": _jsonable(result),
         }
         save_model(model, out, extra={"finetune.json": record})
+        self._prune_empty_work_dirs(work_dir)
         return out
+
+    def _prune_empty_work_dirs(self, work_dir: Path) -> None:
+        """Remove ``work_dir`` and its parents below the run dir while they are empty: a finished
+        stage leaves no empty ``work/<scenario>/...`` folders. A folder that still holds anything
+        (another stage's resume state, a user's file) stays."""
+        for folder in (work_dir, *work_dir.parents):
+            if folder == self.run_dir or self.run_dir not in folder.parents:
+                return
+            try:
+                folder.rmdir()
+            except OSError:  # not empty, or already gone: nothing above can be empty either
+                if folder.exists():
+                    return
 
     def load(self, path: Path) -> ClassifierModel:
         return load_model(path)
@@ -184,13 +197,8 @@ class ExperimentRunner:
         )
         teacher = self.load(self.ensure_source(recipe, task))
         start = time.perf_counter()
-        result = condition(
-            teacher,
-            self.pretrained_backbone(),
-            self.task_data(task),
-            config,
-            work_dir=self.run_dir / "work" / scenario / name,
-        )
+        work_dir = self.run_dir / "work" / scenario / name
+        result = condition(teacher, self.pretrained_backbone(), self.task_data(task), config, work_dir=work_dir)
         record = {
             "scenario": scenario,
             "recipe": recipe,
@@ -202,6 +210,7 @@ class ExperimentRunner:
             "history": _jsonable(result.history),
         }
         save_model(result.student, out, extra={"condition.json": record})
+        self._prune_empty_work_dirs(work_dir)
         return out
 
     # ------------------------------------------------------------------------------------ merging
