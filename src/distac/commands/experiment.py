@@ -1,4 +1,7 @@
-"""``distac experiment NAME``: run one of the paper's experiments as a resumable pipeline."""
+"""``distac experiment NAME``: run one of the paper's experiments as a resumable pipeline.
+
+``distac seeds RUN_DIR...``: aggregate one experiment's runs over seeds.
+"""
 
 from __future__ import annotations
 
@@ -68,3 +71,14 @@ def register(app: typer.Typer) -> None:
                 if (run_dir / file).is_file():
                     shutil.copyfile(run_dir / file, results_dir / file)
             console.print(f"results copied to {results_dir}")
+
+    @app.command("seeds")
+    def seeds(
+        run_dirs: list[Path] = typer.Argument(..., help="Run dirs of one experiment at different seeds."),
+        out: Path = typer.Option(..., "--out", help="Where seeds.json and seeds.md go (e.g. results/<name>)."),
+    ) -> None:
+        """Aggregate an experiment over seeds: each Table 1 cell's mean ± sd, and each effect per seed."""
+        from distac.experiments.seeds import write_seed_report
+
+        path = write_seed_report(list(run_dirs), out)
+        console.print(path.read_text(), markup=False)
