@@ -84,6 +84,7 @@ def _config(backbone: str, **changes: object) -> ExperimentConfig:
                 "corruptions": [{"kind": "word_dropout", "strength": 0.5}],
                 "methods": ["task_arithmetic"],
             },
+            "unlabeled_data@low_confidence": {"scenario": "low_confidence", "amounts": [8]},
         },
     }
     values.update(changes)
@@ -101,6 +102,8 @@ def _config(backbone: str, **changes: object) -> ExperimentConfig:
         ({"studies": {"unlabeled_data": {"corruptions": [{"kind": "jpeg"}]}}}, "corruptions\\[0\\]"),
         ({"studies": {"unlabeled_data": {"amounts": [0]}}}, "amounts"),
         ({"studies": {"scale_curve": {"scale": [1]}}}, "unknown key"),
+        ({"studies": {"figure9@x": {}}}, "unknown study 'figure9@x'"),
+        ({"studies": {"unlabeled_data@x": {"scenario": "original"}}}, "not a norm_mismatch or low_confidence"),
         ({"scenarios": {"mixup": {"recipe": "mixup", "kind": "cheap"}}}, "kind must be one of"),
         ({"scenarios": {"mixup": {"recipe": "mixup", "methods": ["wudi"]}}}, "not in methods"),
         ({"condition": {"unlabeled_corruption": "jpeg"}}, "unlabeled_corruption"),
@@ -163,8 +166,22 @@ def test_studies_run_reuse_cached_stages_and_report(tmp_path: Path, tiny_bert_di
     assert dropped["config"]["unlabeled_corruption"] == "word_dropout"
     assert dropped["config"]["corruption_strength"] == 0.5
 
+    # ... and in the low-confidence setting every source is conditioned again, at kappa 1
+    low_study = results["studies"]["unlabeled_data@low_confidence"]
+    assert low_study["long_task"] is None and low_study["kappas"] == {"sst2": 1.0, "trec": 1.0}
+    assert [r["variant"] for r in low_study["rows"]] == ["no conditioning", "default", "n8"]
+    for row, variant in zip(low_study["rows"], ("plain", "distac"), strict=False):
+        assert row["merges"]["task_arithmetic"]["absolute"] == low[variant]["task_arithmetic"]["absolute"]
+    for task in ("sst2", "trec"):
+        record = json.loads(
+            (tmp_path / f"conditioned/low_confidence/label_smoothing-{task}-n8/condition.json").read_text()
+        )
+        assert record["config"]["num_unlabeled"] == 8 and record["config"]["student_temperature"] == 2.0
+        assert record["kappa"] == 1.0
+
     report = write_report(tmp_path).read_text()
     assert "Figure 4 analog" in report and "Tables 3-4 analog" in report and "word_dropout 0.5" in report
+    assert "every `low_confidence` source (2, κ = 1)" in report
     assert (tmp_path / "label_smoothing_sweep.png").stat().st_size > 1000
 
 

@@ -96,13 +96,20 @@ SCENARIO_KEYS = ("recipe", "long_recipe", "long_tasks", "condition", "kappa", "k
 #: What a scenario is an instance of: it decides the conditioning temperatures and kappa rule.
 #: A scenario named after a kind needs no ``kind`` key; others (e.g. ``mixup``) must set it.
 SCENARIO_KINDS = ("original", "norm_mismatch", "low_confidence")
-#: Optional studies and the keys each accepts (see ``ExperimentRunner`` in pipeline.py).
+#: Optional studies and the keys each accepts (see ``ExperimentRunner`` in pipeline.py). A study
+#: entry is named after its kind, or ``<kind>@<label>`` to run one kind twice with other options
+#: (``unlabeled_data@low_confidence: {scenario: low_confidence}``).
 STUDY_KEYS: dict[str, tuple[str, ...]] = {
     "scaling_alone": (),
     "scale_curve": ("scales", "recipe"),
     "label_smoothing_sweep": ("alphas", "methods", "distac_alphas"),
-    "unlabeled_data": ("long_task", "amounts", "corruptions", "methods"),
+    "unlabeled_data": ("scenario", "long_task", "amounts", "corruptions", "methods"),
 }
+
+
+def study_kind(name: str) -> str:
+    """``unlabeled_data@low_confidence`` -> ``unlabeled_data``."""
+    return name.split("@", 1)[0]
 
 
 def scenario_kind(name: str, spec: dict[str, Any]) -> str:
@@ -202,14 +209,25 @@ def validate_studies(config: ExperimentConfig) -> None:
     from distac.data.corruption import CORRUPTIONS
 
     for study, options in config.studies.items():
-        if study not in STUDY_KEYS:
-            raise ConfigError(f"studies: unknown study {study!r}; known {sorted(STUDY_KEYS)}")
+        kind = study_kind(study)
+        if kind not in STUDY_KEYS:
+            raise ConfigError(
+                f"studies: unknown study {study!r}; known {sorted(STUDY_KEYS)} (optionally <kind>@<label>)"
+            )
         options = options or {}
         if not isinstance(options, dict):
             raise ConfigError(f"studies.{study}: expected a mapping of options, got {options!r}")
-        unknown = sorted(k for k in options if k not in STUDY_KEYS[study])
+        unknown = sorted(k for k in options if k not in STUDY_KEYS[kind])
         if unknown:
-            raise ConfigError(f"studies.{study}: unknown key(s) {unknown}; valid: {list(STUDY_KEYS[study])}")
+            raise ConfigError(f"studies.{study}: unknown key(s) {unknown}; valid: {list(STUDY_KEYS[kind])}")
+        scenario = options.get("scenario")
+        if scenario is not None:
+            spec = config.scenarios.get(scenario)
+            if spec is None or scenario_kind(scenario, spec) not in ("norm_mismatch", "low_confidence"):
+                raise ConfigError(
+                    f"studies.{study}.scenario: {scenario!r} is not a norm_mismatch or low_confidence scenario "
+                    f"of this experiment ({sorted(config.scenarios)})"
+                )
         for method in options.get("methods") or []:
             if method not in config.methods:
                 raise ConfigError(f"studies.{study}.methods: {method!r} is not in methods {config.methods}")

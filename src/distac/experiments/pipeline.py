@@ -33,7 +33,7 @@ from distac.checkpoints import StateDict
 from distac.data import TaskData, load_task
 from distac.environment import environment_record
 from distac.errors import ConfigError
-from distac.experiments.config import ExperimentConfig, scenario_kind
+from distac.experiments.config import ExperimentConfig, scenario_kind, study_kind
 from distac.experiments.merge_eval import EvalSettings, TaskModelBank, evaluate_method, individual_scores
 from distac.models import ModelSpec, build_model, load_model, save_model
 from distac.models.base import ClassifierModel
@@ -368,7 +368,7 @@ class ExperimentRunner:
             conditioned[t] = self.load(self.ensure_conditioned(scenario, recipes[t], t, kappa))
         out["distac"] = self.merge_all(f"{key}/distac", conditioned, sources, methods)
         out["kappas"] = kappas
-        if "scaling_alone" in self.config.studies and kappa_rule == "shrink":
+        if kappa_rule == "shrink" and any(study_kind(s) == "scaling_alone" for s in self.config.studies):
             scaled = dict(sources)
             pre = self.pretrained_backbone()
             for t, kappa in kappas.items():
@@ -470,6 +470,7 @@ class ExperimentRunner:
 
     def unlabeled_data_study(
         self,
+        scenario: str | None = None,
         long_task: str | None = None,
         amounts: list[int] | None = None,
         corruptions: list[dict[str, Any]] | None = None,
@@ -477,47 +478,74 @@ class ExperimentRunner:
     ) -> dict[str, Any]:
         """Tables 3-4 analog: how much, and how clean, must the unlabeled data be?
 
-        In the norm-mismatch setting (``long_task`` tuned with the long recipe) the long source is
-        conditioned on the default unlabeled set, on only ``amounts`` inputs, and on corrupted
-        inputs (blurred images / word dropout for text), then merged with ``methods``.
+        The sources a ``scenario`` conditions are conditioned again on only ``amounts`` inputs and on
+        corrupted inputs (blurred images / word dropout for text), then merged with ``methods``. In a
+        norm-mismatch scenario (the default) that is the long source (``long_task`` tuned with the long
+        recipe), shrunk to kappa < 1, where rescaling does much of the work; in a low-confidence
+        scenario it is every source at kappa = 1, where the distillation does all of it.
         """
-        name, spec = next(
-            ((n, s) for n, s in self.config.scenarios.items() if scenario_kind(n, s) == "norm_mismatch"),
-            ("norm_mismatch", {"recipe": "base", "long_recipe": "lr_x10"}),
-        )
-        recipe, long_recipe = spec.get("recipe", "base"), spec.get("long_recipe", "lr_x10")
-        long_task = long_task or (spec.get("long_tasks") or self.config.tasks)[0]
+        if scenario is None:
+            scenario = next(
+                (n for n, s in self.config.scenarios.items() if scenario_kind(n, s) == "norm_mismatch"),
+                "norm_mismatch",
+            )
+        spec = self.config.scenarios.get(scenario, {"recipe": "base", "long_recipe": "lr_x10"})
+        kind = scenario_kind(scenario, spec)
+        recipe = spec.get("recipe", "base")
         methods = methods or self.config.methods
-        recipes = {t: (long_recipe if t == long_task else recipe) for t in self.config.tasks}
+        if kind == "norm_mismatch":
+            long_recipe = spec.get("long_recipe", "lr_x10")
+            long_task = long_task or (spec.get("long_tasks") or self.config.tasks)[0]
+            recipes = {t: (long_recipe if t == long_task else recipe) for t in self.config.tasks}
+            key, condition_tasks = f"{scenario}/long-{long_task}", [long_task]
+        else:  # validated: low_confidence
+            recipes = {t: recipe for t in self.config.tasks}
+            key, condition_tasks, long_task = scenario, list(self.config.tasks), None
         sources = {t: self.load(self.ensure_source(r, t)) for t, r in recipes.items()}
-        key = f"{name}/long-{long_task}"
         plain = self.merge_all(f"{key}/plain", sources, sources, methods)
-        kappa = self.kappa_for(plain["norms"], long_task)
-        default_amount = self.config.condition.get("num_unlabeled") or len(self.task_data(long_task).train)
+        kappas = {t: self.kappa_for(plain["norms"], t) if kind == "norm_mismatch" else 1.0 for t in condition_tasks}
+        default_amount = self.config.condition.get("num_unlabeled") or len(self.task_data(condition_tasks[0]).train)
         variants: list[tuple[str, dict[str, Any], dict[str, Any]]] = [("", {}, {"num_unlabeled": default_amount})]
         for amount in amounts or []:
             if int(amount) != default_amount:
                 variants.append((f"n{int(amount)}", {"num_unlabeled": int(amount)}, {"num_unlabeled": int(amount)}))
         for corruption in corruptions or []:
-            kind, strength = corruption["kind"], float(corruption.get("strength", 0.0))
-            overrides = {"unlabeled_corruption": kind, "corruption_strength": strength}
-            variants.append((f"{kind}{strength:g}", overrides, {"num_unlabeled": default_amount, **overrides}))
+            corruption_kind, strength = corruption["kind"], float(corruption.get("strength", 0.0))
+            overrides = {"unlabeled_corruption": corruption_kind, "corruption_strength": strength}
+            variants.append(
+                (f"{corruption_kind}{strength:g}", overrides, {"num_unlabeled": default_amount, **overrides})
+            )
         rows = [{"variant": "no conditioning", "merges": _method_scores(plain, methods)}]
         for tag, overrides, described in variants:
-            path = self.ensure_conditioned(name, long_recipe, long_task, kappa, overrides=overrides, tag=tag)
-            conditioned = {**sources, long_task: self.load(path)}
+            conditioned, accuracies = dict(sources), []
+            for task in condition_tasks:
+                path = self.ensure_conditioned(
+                    scenario, recipes[task], task, kappas[task], overrides=overrides, tag=tag
+                )
+                conditioned[task] = self.load(path)
+                history = json.loads((path / "condition.json").read_text()).get("history", [])
+                final = next((h for h in reversed(history) if isinstance(h, dict) and "val_accuracy" in h), {})
+                if final.get("val_accuracy") is not None:
+                    accuracies.append(float(final["val_accuracy"]))
             merged = self.merge_all(f"{key}/distac{'-' + tag if tag else ''}", conditioned, sources, methods)
-            history = json.loads((path / "condition.json").read_text()).get("history", [])
-            final = next((h for h in reversed(history) if isinstance(h, dict) and "val_accuracy" in h), {})
             rows.append(
                 {
                     "variant": tag or "default",
                     **described,
-                    "conditioned_val_accuracy": final.get("val_accuracy"),
+                    "conditioned_val_accuracy": _mean(accuracies) if accuracies else None,
                     "merges": _method_scores(merged, methods),
                 }
             )
-        return {"long_task": long_task, "kappa": kappa, "methods": methods, "rows": rows}
+        return {
+            "scenario": scenario,
+            "kind": kind,
+            "long_task": long_task,
+            "conditioned_tasks": condition_tasks,
+            "kappa": kappas[condition_tasks[0]],
+            "kappas": kappas,
+            "methods": methods,
+            "rows": rows,
+        }
 
     def check_cache_compatible(self) -> None:
         """Refuse to resume a run directory whose cached stages were made with other settings.
@@ -566,14 +594,15 @@ class ExperimentRunner:
             if studies is not None and study not in studies:
                 continue
             options = dict(options or {})
-            if study == "scaling_alone":  # part of the norm-mismatch scenario runs
+            kind = study_kind(study)
+            if kind == "scaling_alone":  # part of the norm-mismatch scenario runs
                 continue
             self.echo(f"== study {study}")
-            if study == "scale_curve":
+            if kind == "scale_curve":
                 study_results[study] = self.scale_curve(options.get("scales"), options.get("recipe", "base"))
-            elif study == "label_smoothing_sweep":
+            elif kind == "label_smoothing_sweep":
                 study_results[study] = self.label_smoothing_sweep(**options)
-            elif study == "unlabeled_data":
+            elif kind == "unlabeled_data":
                 study_results[study] = self.unlabeled_data_study(**options)
             results["studies"] = study_results
             atomic_write_json(self.run_dir / "results.json", results)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from distac.atomic import atomic_write_text, atomic_write_with
+from distac.experiments.config import study_kind
 
 METHOD_LABELS = {
     "average": "Weight averaging",
@@ -199,8 +200,9 @@ def write_report(run_dir: str | Path) -> Path:
     studies = results.get("studies", {})
     if studies.get("label_smoothing_sweep"):
         parts.append(smoothing_sweep_markdown(studies["label_smoothing_sweep"]))
-    if studies.get("unlabeled_data"):
-        parts.append(unlabeled_data_markdown(studies["unlabeled_data"]))
+    for name, study in studies.items():
+        if study and study_kind(name) == "unlabeled_data":
+            parts.append(unlabeled_data_markdown(study))
     path = run_dir / "table1.md"
     atomic_write_text(path, "\n".join(parts))
     plot_table1(results, run_dir / "table1.png")
@@ -235,11 +237,16 @@ def smoothing_sweep_markdown(sweep: dict[str, Any]) -> str:
 
 
 def unlabeled_data_markdown(study: dict[str, Any]) -> str:
-    """Tables 3-4 analog: the long source conditioned on less, or corrupted, unlabeled data."""
+    """Tables 3-4 analog: the conditioned sources (the long one, or every low-confidence one) conditioned
+    on less, or corrupted, unlabeled data."""
     methods = study["methods"]
+    if study.get("long_task"):
+        what = f"the long source `{study['long_task']}` (κ = {study['kappa']:.3f})"
+    else:
+        tasks = study.get("conditioned_tasks") or []
+        what = f"every `{study.get('scenario')}` source ({len(tasks)}, κ = {study['kappa']:g})"
     lines = [
-        f"### Unlabeled data for conditioning the long source `{study['long_task']}` "
-        f"(κ = {study['kappa']:.3f}; Tables 3-4 analog), absolute (normalized) %",
+        f"### Unlabeled data for conditioning {what}; Tables 3-4 analog, absolute (normalized) %",
         "",
         "| variant | unlabeled inputs | corruption | conditioned val acc | "
         + " | ".join(METHOD_LABELS.get(m, m) for m in methods)
