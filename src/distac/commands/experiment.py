@@ -81,4 +81,4 @@ def register(app: typer.Typer) -> None:
         from distac.experiments.seeds import write_seed_report
 
         path = write_seed_report(list(run_dirs), out)
-        console.print(path.read_text(), markup=False)
+        console.print(path.read_text(), markup=False, soft_wrap=True)
