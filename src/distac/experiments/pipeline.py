@@ -156,7 +156,7 @@ class ExperimentRunner:
         stage leaves no empty ``work/<scenario>/...`` folders. A folder that still holds anything
         (another stage's resume state, a user's file) stays."""
         for folder in (work_dir, *work_dir.parents):
-            if folder == self.run_dir or self.run_dir not in folder.parents:
+            if self.run_dir not in folder.parents:  # never the run dir itself, nor anything above it
                 return
             try:
                 folder.rmdir()
@@ -310,35 +310,42 @@ class ExperimentRunner:
         names = list(norms)
         return float(scaling_coefficient([norms[t] for t in names], names.index(task)))
 
+    def scenario_plan(
+        self, scenario: str, spec: dict[str, Any], long_task: str | None = None
+    ) -> tuple[str, dict[str, str], list[str], str]:
+        """How ``scenario`` merges: the key its merges are cached under, each task's recipe, the tasks it
+        conditions and its kappa rule. A norm-mismatch scenario has one plan per ``long_task`` (the
+        one tuned with the long recipe, conditioned and shrunk). Studies that reuse a scenario's merges
+        and conditioned models take its plan from here, so they share its cache keys and kappas."""
+        recipe, tasks = spec.get("recipe", "base"), self.config.tasks
+        kind = scenario_kind(scenario, spec)
+        if kind == "norm_mismatch":
+            long_task = long_task or (spec.get("long_tasks") or tasks)[0]
+            long_recipe = spec.get("long_recipe", "lr_x10")
+            recipes = {t: (long_recipe if t == long_task else recipe) for t in tasks}
+            return f"{scenario}/long-{long_task}", recipes, [long_task], "shrink"
+        condition_tasks = list(tasks) if spec.get("condition", True) and kind != "original" else []
+        return scenario, {t: recipe for t in tasks}, condition_tasks, spec.get("kappa", "one")
+
+    def kappas(self, rule: str, norms: dict[str, float], tasks: list[str]) -> dict[str, float]:
+        """Each conditioned task's scale: ``shrink`` (longest vector to the mean norm of the others), else 1."""
+        return {t: self.kappa_for(norms, t) if rule == "shrink" else 1.0 for t in tasks}
+
     def run_scenario(self, scenario: str) -> dict[str, Any]:
         spec = self.config.scenarios[scenario]
-        recipe = spec.get("recipe", "base")
-        tasks = self.config.tasks
+        methods = spec.get("methods")
         if scenario_kind(scenario, spec) == "norm_mismatch":
-            long_recipe = spec.get("long_recipe", "lr_x10")
-            long_tasks = spec.get("long_tasks") or tasks
             per_choice = {}
-            for long_task in long_tasks:
-                recipes = {t: (long_recipe if t == long_task else recipe) for t in tasks}
+            for long_task in spec.get("long_tasks") or self.config.tasks:
+                key, recipes, condition_tasks, rule = self.scenario_plan(scenario, spec, long_task)
                 per_choice[long_task] = self._run_sources(
-                    scenario,
-                    f"{scenario}/long-{long_task}",
-                    recipes,
-                    condition_tasks=[long_task],
-                    kappa_rule="shrink",
-                    methods=spec.get("methods"),
+                    scenario, key, recipes, condition_tasks=condition_tasks, kappa_rule=rule, methods=methods
                 )
             return {"choices": per_choice, "average": _average_choices(per_choice)}
-        recipes = {t: recipe for t in tasks}
-        condition_tasks = tasks if spec.get("condition", True) and scenario_kind(scenario, spec) != "original" else []
+        key, recipes, condition_tasks, rule = self.scenario_plan(scenario, spec)
         return {
             "average": self._run_sources(
-                scenario,
-                scenario,
-                recipes,
-                condition_tasks=condition_tasks,
-                kappa_rule=spec.get("kappa", "one"),
-                methods=spec.get("methods"),
+                scenario, key, recipes, condition_tasks=condition_tasks, kappa_rule=rule, methods=methods
             )
         }
 
@@ -359,12 +366,9 @@ class ExperimentRunner:
         out: dict[str, Any] = {"plain": plain}
         if not condition_tasks:
             return out
-        norms = plain["norms"]
+        kappas = self.kappas(kappa_rule, plain["norms"], condition_tasks)
         conditioned = dict(sources)
-        kappas = {}
-        for t in condition_tasks:
-            kappa = self.kappa_for(norms, t) if kappa_rule == "shrink" else 1.0
-            kappas[t] = kappa
+        for t, kappa in kappas.items():
             conditioned[t] = self.load(self.ensure_conditioned(scenario, recipes[t], t, kappa))
         out["distac"] = self.merge_all(f"{key}/distac", conditioned, sources, methods)
         out["kappas"] = kappas
@@ -490,20 +494,15 @@ class ExperimentRunner:
                 "norm_mismatch",
             )
         spec = self.config.scenarios.get(scenario, {"recipe": "base", "long_recipe": "lr_x10"})
-        kind = scenario_kind(scenario, spec)
-        recipe = spec.get("recipe", "base")
+        kind = scenario_kind(scenario, spec)  # validated: norm_mismatch or low_confidence
+        key, recipes, condition_tasks, rule = self.scenario_plan(scenario, spec, long_task)
+        if not condition_tasks:
+            raise ConfigError(f"unlabeled-data study: scenario {scenario!r} conditions no source (condition: false)")
+        long_task = condition_tasks[0] if kind == "norm_mismatch" else None
         methods = methods or self.config.methods
-        if kind == "norm_mismatch":
-            long_recipe = spec.get("long_recipe", "lr_x10")
-            long_task = long_task or (spec.get("long_tasks") or self.config.tasks)[0]
-            recipes = {t: (long_recipe if t == long_task else recipe) for t in self.config.tasks}
-            key, condition_tasks = f"{scenario}/long-{long_task}", [long_task]
-        else:  # validated: low_confidence
-            recipes = {t: recipe for t in self.config.tasks}
-            key, condition_tasks, long_task = scenario, list(self.config.tasks), None
         sources = {t: self.load(self.ensure_source(r, t)) for t, r in recipes.items()}
         plain = self.merge_all(f"{key}/plain", sources, sources, methods)
-        kappas = {t: self.kappa_for(plain["norms"], t) if kind == "norm_mismatch" else 1.0 for t in condition_tasks}
+        kappas = self.kappas(rule, plain["norms"], condition_tasks)
         default_amount = self.config.condition.get("num_unlabeled") or len(self.task_data(condition_tasks[0]).train)
         variants: list[tuple[str, dict[str, Any], dict[str, Any]]] = [("", {}, {"num_unlabeled": default_amount})]
         for amount in amounts or []:

@@ -6,6 +6,7 @@ import json
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,17 +47,21 @@ PAPER_TABLE1_VIT_B32: dict[str, tuple[float, float, float, float, float]] = {
 }
 
 
+def merged_score(results: dict[str, Any], scenario: str, variant: str, row: str) -> float | None:
+    """Task-averaged absolute test score, in %, of ``row`` (a method, ``individual`` or ``pretrained``) in
+    ``variant`` (``plain``, ``distac``, ``scaling_alone``) of ``scenario``; None where it was not run."""
+    entry = results["scenarios"].get(scenario, {}).get("average", {}).get(variant, {}).get(row)
+    return None if not entry or "absolute" not in entry else 100 * entry["absolute"]
+
+
 def paper_comparison_markdown(results: dict[str, Any]) -> str:
     """Our effects next to the paper's, in absolute points: how much each failure mode costs a
     merge (vs original) and how much DisTaC gives back. Scales differ, so compare signs and sizes,
     not levels. ✓: the sign agrees with the paper's; ✗: it does not; ≈: our effect is smaller than
     the noise band (:func:`noise_band_points`), so it shows no measurable effect either way."""
-    scenarios = results["scenarios"]
     band = noise_band_points(results)
 
-    def score(scenario: str, variant: str, method: str) -> float | None:
-        entry = scenarios.get(scenario, {}).get("average", {}).get(variant, {}).get(method)
-        return None if not entry or "absolute" not in entry else 100 * entry["absolute"]
+    score = partial(merged_score, results)  # (scenario, variant, method) -> % or None
 
     def diff(a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None else a - b

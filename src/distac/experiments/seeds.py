@@ -16,7 +16,7 @@ from typing import Any
 
 from distac.atomic import atomic_write_json, atomic_write_text
 from distac.errors import ConfigError
-from distac.experiments.report import METHOD_LABELS, SCENARIO_LABELS
+from distac.experiments.report import METHOD_LABELS, SCENARIO_LABELS, merged_score
 
 #: Config keys that may differ between the runs being aggregated: the seed, and which scenarios and
 #: studies each run went through (only the scenarios every run has are aggregated).
@@ -64,12 +64,8 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     methods = runs[0]["config"]["methods"]
     scenarios = [s for s in runs[0]["scenarios"] if all(s in run["scenarios"] for run in runs)]
 
-    def score(run: dict[str, Any], scenario: str, variant: str, row: str) -> float | None:
-        entry = run["scenarios"][scenario]["average"].get(variant, {}).get(row)
-        return 100 * entry["absolute"] if entry and "absolute" in entry else None
-
     def collect(scenario: str, variant: str, row: str) -> list[float] | None:
-        values = [score(run, scenario, variant, row) for run in runs]
+        values = [merged_score(run, scenario, variant, row) for run in runs]
         return None if any(v is None for v in values) else [float(v) for v in values]  # type: ignore[arg-type]
 
     cells: dict[str, dict[str, Any]] = {s: {} for s in scenarios}
