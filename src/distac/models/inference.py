@@ -23,7 +23,8 @@ def pick_device(requested: str | None = None) -> torch.device:
 
 def bf16_autocast(requested: bool, device: torch.device) -> bool:
     """Whether to run under bf16 autocast: only on CUDA. A request on another device is ignored with a
-    warning (CPUs without bf16 units run autocast slower than float32), so a config written for a GPU
+    warning (CPUs without bf16 units run autocast far slower than float32: 15.6x per training step on
+    the 2-core AVX2 CPU of benchmarks/results/conditioning_cpu.md), so a config written for a GPU
     still runs on a laptop and says why it is not mixed precision there."""
     if requested and device.type != "cuda":
         log.warning("mixed_precision (bf16 autocast) applies on CUDA only; running in float32 on %s", device)
