@@ -35,6 +35,20 @@ def test_files_and_directories_get_the_umask_mode_not_the_temp_files(tmp_path: P
     assert (tmp_path / "model" / "weights.bin").read_bytes() == b"\0"
 
 
+def test_checkpoints_get_the_umask_mode_although_safetensors_writes_0600(tmp_path: Path, umask_022: None) -> None:
+    """safetensors' save_file creates its file 0600 whatever mode the temp file had; the saved checkpoint
+    (a model.safetensors in a run directory) must still be readable like any other output."""
+    import torch
+
+    from distac.checkpoints import save_safetensors, save_state_dict
+
+    single = save_safetensors({"w": torch.zeros(2)}, tmp_path / "single.safetensors")
+    folder = save_state_dict({"w": torch.zeros(2)}, tmp_path / "model")
+    assert _mode(single) == 0o644
+    weights = [f for f in Path(folder).iterdir() if f.suffix == ".safetensors"]
+    assert weights and all(_mode(f) == 0o644 for f in weights)
+
+
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path: Path) -> None:
     target = atomic_write_text(tmp_path / "out.txt", "old")
     with pytest.raises(TypeError):
