@@ -122,7 +122,7 @@ def main() -> None:
         cpu_autocast = _cpu_autocast_step_times(teacher, texts, repeats=max(3, args.steps // 4))
         print(
             f"training step, float32 {cpu_autocast['float32_seconds']:.3f} s, bf16 autocast "
-            f"{cpu_autocast['bf16_seconds']:.3f} s ({cpu_autocast['bf16_speedup']:.2f}x)",
+            f"{cpu_autocast['bf16_seconds']:.3f} s ({_ratio(cpu_autocast['bf16_speedup'])})",
             flush=True,
         )
     record = {
@@ -159,7 +159,8 @@ def _cpu_autocast_step_times(model: Any, texts: list[Any], repeats: int) -> dict
     model = copy.deepcopy(model).train().to("cpu")  # the teacher is frozen; the student trains
     for parameter in model.parameters():
         parameter.requires_grad_(True)
-    step(False), step(True)
+    for autocast in (False, True):  # warm-up
+        step(autocast)
     times: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(repeats):
         for autocast in (False, True):
