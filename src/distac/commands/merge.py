@@ -9,6 +9,8 @@ Two kinds of input:
 * distac model directories (``distac finetune`` output): the pretrained backbone is rebuilt from
   their spec unless ``--pretrained`` is given, ``--search`` picks the coefficient on each task's
   validation split, and one merged model per task (shared backbone + that task's head) is written.
+  For CNNs each merged model's BatchNorm statistics are re-estimated on unlabeled training inputs
+  of its task (``--batchnorm-statistics``); plain checkpoints keep the pretrained model's.
 """
 
 from __future__ import annotations
@@ -53,12 +55,23 @@ def register(app: typer.Typer) -> None:
         validation_examples: int | None = typer.Option(
             None, "--validation-examples", help="Use at most this many validation examples per task in --search."
         ),
+        batchnorm_statistics: str = typer.Option(
+            "auto",
+            "--batchnorm-statistics",
+            help="distac model dirs with BatchNorm: re-estimate each merged model's running statistics on "
+            "unlabeled training inputs of its task (auto, recompute) or keep the source's (keep).",
+        ),
     ) -> None:
         """Merge task vectors of fine-tuned models and write the merged model plus merge.json."""
         from distac.checkpoints import check_output_path, validate_checkpoint
         from distac.config import apply_overrides
         from distac.merging.registry import get_method
+        from distac.models.batchnorm import BATCHNORM_CHOICES
 
+        if batchnorm_statistics not in BATCHNORM_CHOICES:
+            raise typer.BadParameter(
+                f"--batchnorm-statistics must be one of {', '.join(BATCHNORM_CHOICES)}, got {batchnorm_statistics!r}"
+            )
         hyperparameters = apply_overrides({}, hyper)
         get_method(method, **hyperparameters)  # validate the method name and hyperparameters before any work
         if not finetuned:
@@ -103,6 +116,7 @@ def register(app: typer.Typer) -> None:
                 device,
                 data_root,
                 validation_examples,
+                batchnorm_statistics,
             )
         else:
             if search:
@@ -250,12 +264,14 @@ def _merge_distac_models(
     device: str,
     data_root: Path | None,
     validation_examples: int | None,
+    batchnorm_statistics: str = "auto",
 ) -> dict[str, Any]:
     from distac.atomic import atomic_directory, atomic_write_json
     from distac.checkpoints import load_state_dict
     from distac.data import load_task
     from distac.experiments.merge_eval import EvalSettings, TaskModelBank, evaluate_method, individual_scores
     from distac.models import build_model, load_model, save_model
+    from distac.models.batchnorm import estimation_inputs, recompute_batchnorm_statistics, resolve_batchnorm_choice
 
     start = time.perf_counter()
     models = {n: load_model(p) for n, p in zip(names, finetuned, strict=True)}
@@ -271,15 +287,20 @@ def _merge_distac_models(
     pre = {k: v for k, v in pre_state.items() if selector(k, v)}
     vectors = {n: {k: m.state_dict()[k].float() - pre[k].float() for k in pre} for n, m in models.items()}
     extra: dict[str, Any] = {}
-    if search:
+    recompute = resolve_batchnorm_choice(batchnorm_statistics, first)
+    tasks = {}
+    if search or recompute:  # the task data: validation for the search, unlabeled inputs for BatchNorm
         tasks = {n: load_task(m.spec.task or n, data_root) for n, m in models.items()}
         for n, m in models.items():
             m.check_task(tasks[n], "validation")
-        bank = TaskModelBank(
-            models,
-            tasks,
-            EvalSettings(device=device, validation_examples=validation_examples, test_examples=validation_examples),
-        )
+    settings = EvalSettings(
+        device=device,
+        validation_examples=validation_examples,
+        test_examples=validation_examples,
+        batchnorm_statistics=batchnorm_statistics,
+    )
+    if search:
+        bank = TaskModelBank(models, tasks, settings)
         ind_val = individual_scores(bank, "validation")
         ind_test = individual_scores(bank, "test")
         evaluation = evaluate_method(
@@ -318,13 +339,20 @@ def _merge_distac_models(
         names,
         pretrained or "from spec",
         time.perf_counter() - start,
-        {"info": result.info, **extra},
+        {"info": result.info, "batchnorm_statistics": "recompute" if recompute else "keep", **extra},
     )
     with atomic_directory(output) as tmp:  # all merged models appear together, or none does
         for name, model in models.items():
             merged = apply_merge(pre, result, coef, task=name if result.per_task is not None else None)
             model.load_state_dict(merged, strict=False)
-            save_model(model, tmp / name, extra={"merge.json": record})
+            if recompute:
+                recompute_batchnorm_statistics(
+                    model,
+                    estimation_inputs(tasks[name].unlabeled(), settings.batchnorm_examples),
+                    batch_size=settings.batch_size,
+                    device=device,
+                )
+            save_model(model.cpu(), tmp / name, extra={"merge.json": record})
         atomic_write_json(tmp / "merge.json", record)
     return record
 

@@ -12,8 +12,12 @@ the whole run; ``schedule="reference"`` reproduces that instead.
 
 Inputs are not augmented here, so teacher logits are computed once and cached (the saving the
 paper mentions); ``cache_teacher_logits=False`` runs the teacher on-line, for comparison.
-Student batches use eval mode (no dropout, BatchNorm statistics frozen at the teacher's), so the
-student reproduces the teacher's function exactly at kappa = 1 and runs are deterministic.
+Student batches use eval mode (no dropout, BatchNorm statistics frozen), so the student reproduces
+the teacher's function exactly at kappa = 1 and runs are deterministic. A rescaled CNN would keep
+BatchNorm statistics estimated for the full-length vector, which can make it useless (chance
+accuracy, so the distillation has no signal to follow): with ``batchnorm_statistics="auto"`` they
+are re-estimated on unlabeled inputs right after rescaling (kappa != 1) and then stay frozen
+(:mod:`distac.models.batchnorm`).
 An interrupted run resumes from ``work_dir`` and ends with the same weights as a straight run.
 
 Under ``accelerate launch`` (DDP, or FSDP for models that do not fit one GPU) the processes split
@@ -42,6 +46,13 @@ from distac.data.corruption import CORRUPTIONS, corrupt_unlabeled
 from distac.distributed import Runtime, runtime
 from distac.errors import CheckpointError
 from distac.models.base import ClassifierModel, move_inputs
+from distac.models.batchnorm import (
+    BATCHNORM_CHOICES,
+    DEFAULT_BATCHNORM_EXAMPLES,
+    estimation_inputs,
+    recompute_batchnorm_statistics,
+    resolve_batchnorm_choice,
+)
 from distac.models.inference import bf16_autocast, predict_logits
 from distac.resume import (
     SHARDED_META_FILE,  # noqa: F401  (re-exported: the FSDP state's JSON file)
@@ -84,6 +95,11 @@ class ConditionConfig:
     seed: int = 0
     device: str = "auto"
     mixed_precision: bool = False  # bf16 autocast, CUDA only (elsewhere: float32 and a warning)
+    #: BatchNorm running statistics of the rescaled student: "auto" re-estimates them on unlabeled
+    #: inputs when kappa != 1 (models without BatchNorm: nothing to do), "recompute" always, "keep"
+    #: never (the teacher's, as before this option existed)
+    batchnorm_statistics: str = "auto"
+    batchnorm_examples: int = DEFAULT_BATCHNORM_EXAMPLES
 
     def __post_init__(self) -> None:
         # ConfigError (a ValueError) naming the option, e.g. "condition.kappa must be in (0.0, 10.0], got -1"
@@ -108,6 +124,8 @@ class ConditionConfig:
         check_type_option(c, "cache_teacher_logits", self.cache_teacher_logits, bool)
         check_type_option(c, "mixed_precision", self.mixed_precision, bool)
         check_device_option(c, "device", self.device)
+        check_choice_option(c, "batchnorm_statistics", self.batchnorm_statistics, BATCHNORM_CHOICES)
+        check_option(c, "batchnorm_examples", self.batchnorm_examples, low=1, integer=True)
 
 
 @dataclass
@@ -184,6 +202,16 @@ def condition(
     if config.unlabeled_corruption is not None:
         unlabeled = corrupt_unlabeled(unlabeled, config.unlabeled_corruption, config.corruption_strength, config.seed)
     val = task.validation.subsample(config.eval_examples, seed=config.seed + 1)
+    batchnorm_layers = 0
+    if resolve_batchnorm_choice(config.batchnorm_statistics, student, weights_changed=config.kappa != 1.0):
+        # a seeded subset of the unlabeled set, identical on every process (a student to be
+        # sharded stays on the CPU until FSDP places it)
+        batchnorm_layers = recompute_batchnorm_statistics(
+            student,
+            estimation_inputs(unlabeled, config.batchnorm_examples, config.seed),
+            batch_size=config.batch_size,
+            device=torch.device("cpu") if rt.sharded else device,
+        )
     # FSDP shards modules in place: train a student that is then gathered into an unsharded copy.
     returned = copy.deepcopy(student) if rt.sharded else student
     if rt.sharded:
@@ -292,7 +320,8 @@ def condition(
     rt.barrier()
     if state_file is not None and rt.is_main:
         clear_state(state_file, state_file.parent / SHARDED_STATE_DIR)
-    return ConditionResult(student, history, time.perf_counter() - started, asdict(config))
+    record = {**asdict(config), "batchnorm_recomputed_layers": batchnorm_layers}
+    return ConditionResult(student, history, time.perf_counter() - started, record)
 
 
 def _teacher_logits(rt: Runtime, teacher: ClassifierModel, unlabeled: Any, autocast: bool) -> torch.Tensor:

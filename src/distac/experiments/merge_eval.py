@@ -1,9 +1,13 @@
 """Evaluate merges the way the paper does: one shared coefficient chosen on validation data,
 then absolute and normalized test accuracy per task.
 
-A merged model for task t is the source model of t (its head, its BatchNorm statistics) with
-the shared backbone parameters replaced by the merged ones. One model object per task is kept and
-its backbone weights are swapped in place, so a coefficient search costs forward passes only.
+A merged model for task t is the source model of t (its head) with the shared backbone parameters
+replaced by the merged ones. One model object per task is kept and its backbone weights are
+swapped in place, so a coefficient search costs forward passes only. BatchNorm running statistics
+are per task too: by default (``batchnorm_statistics="auto"``) they are re-estimated for every
+merged backbone on unlabeled training inputs of the task (:mod:`distac.models.batchnorm`), since
+the source's own statistics describe the source's weights, not the merge; ``"keep"`` uses the
+source's.
 """
 
 from __future__ import annotations
@@ -16,12 +20,21 @@ from typing import Any
 import torch
 
 from distac.checkpoints import StateDict
+from distac.config import check_choice_option, check_option
 from distac.data import TaskData
 from distac.evaluation.metrics import TaskMetrics, compute_metrics
 from distac.merging.base import MergeResult, apply_merge
 from distac.merging.coefficient_search import search_coefficient
 from distac.merging.registry import get_method
 from distac.models.base import ClassifierModel
+from distac.models.batchnorm import (
+    BATCHNORM_CHOICES,
+    DEFAULT_BATCHNORM_EXAMPLES,
+    batchnorm_buffers,
+    estimation_inputs,
+    recompute_batchnorm_statistics,
+    resolve_batchnorm_choice,
+)
 from distac.models.inference import predict_logits
 
 
@@ -31,6 +44,12 @@ class EvalSettings:
     device: str = "auto"
     validation_examples: int | None = None
     test_examples: int | None = None
+    batchnorm_statistics: str = "auto"  # auto / recompute: re-estimate for merged backbones; keep: the source's
+    batchnorm_examples: int = DEFAULT_BATCHNORM_EXAMPLES
+
+    def __post_init__(self) -> None:
+        check_choice_option("evaluation", "batchnorm_statistics", self.batchnorm_statistics, BATCHNORM_CHOICES)
+        check_option("evaluation", "batchnorm_examples", self.batchnorm_examples, low=1, integer=True)
 
 
 class TaskModelBank:
@@ -52,6 +71,23 @@ class TaskModelBank:
             t: {k: v.detach().clone() for k, v in m.state_dict().items() if k in self.keys}
             for t, m in self.models.items()
         }
+        self._statistics = {t: batchnorm_buffers(m) for t, m in self.models.items()}
+        self._estimation_inputs: dict[str, Any] = {}
+
+    def recomputes_batchnorm(self, task: str) -> bool:
+        """Whether merged backbones of ``task`` get freshly estimated BatchNorm statistics."""
+        return resolve_batchnorm_choice(self.settings.batchnorm_statistics, self.models[task])
+
+    def batchnorm_mode(self, tasks: Sequence[str] | None = None) -> str:
+        """What merged backbones of ``tasks`` get, as merge records store it: "recompute" or "keep"."""
+        tasks = list(self.models) if tasks is None else tasks
+        return "recompute" if any(self.recomputes_batchnorm(t) for t in tasks) else "keep"
+
+    def _batchnorm_inputs(self, task: str) -> Any:
+        if task not in self._estimation_inputs:
+            raw = self.tasks[task].unlabeled()
+            self._estimation_inputs[task] = estimation_inputs(raw, self.settings.batchnorm_examples, seed=0)
+        return self._estimation_inputs[task]
 
     def original_backbone(self, task: str) -> StateDict:
         return self._originals[task]
@@ -67,6 +103,13 @@ class TaskModelBank:
         state = backbone if backbone is not None else self._originals[task]
         model.load_state_dict({k: state[k] for k in self.keys}, strict=False)
         try:
+            if backbone is not None and self.recomputes_batchnorm(task):
+                recompute_batchnorm_statistics(
+                    model,
+                    self._batchnorm_inputs(task),
+                    batch_size=self.settings.batch_size,
+                    device=self.settings.device,
+                )
             data = self._split(task, split)
             logits = predict_logits(
                 model, data.inputs, batch_size=self.settings.batch_size, device=self.settings.device
@@ -76,7 +119,7 @@ class TaskModelBank:
             # vectors computed from model.state_dict()), and a merged backbone left behind would
             # silently become their "individual" model.
             if backbone is not None:
-                model.load_state_dict(self._originals[task], strict=False)
+                model.load_state_dict({**self._originals[task], **self._statistics[task]}, strict=False)
         return compute_metrics(logits, torch.as_tensor(data.labels), metric=self.tasks[task].metric)
 
 
@@ -94,6 +137,8 @@ class MergeEvaluation:
     normalized: float
     merge_seconds: float
     info: dict[str, Any] = field(default_factory=dict)
+    #: "recompute" when the merged backbones got freshly estimated BatchNorm statistics, else "keep"
+    batchnorm_statistics: str = "keep"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -105,6 +150,7 @@ class MergeEvaluation:
             "test": self.test,
             "search": self.search,
             "info": self.info,
+            "batchnorm_statistics": self.batchnorm_statistics,
         }
 
 
@@ -160,5 +206,13 @@ def evaluate_method(
     defined = [r["normalized"] for r in test.values() if r["normalized"] == r["normalized"]]
     normalized = sum(defined) / len(defined) if defined else float("nan")
     return MergeEvaluation(
-        method, float(coefficient), search_record, test, absolute, normalized, merge_seconds, info=result.info
+        method,
+        float(coefficient),
+        search_record,
+        test,
+        absolute,
+        normalized,
+        merge_seconds,
+        info=result.info,
+        batchnorm_statistics=bank.batchnorm_mode(names),
     )

@@ -37,6 +37,7 @@ from distac.experiments.config import ExperimentConfig, scenario_kind, study_kin
 from distac.experiments.merge_eval import EvalSettings, TaskModelBank, evaluate_method, individual_scores
 from distac.models import ModelSpec, build_model, load_model, save_model
 from distac.models.base import ClassifierModel
+from distac.models.batchnorm import has_batchnorm
 
 log = logging.getLogger("distac.experiments")
 
@@ -71,6 +72,7 @@ class ExperimentRunner:
         self.echo = echo
         self._tasks: dict[str, TaskData] = {}
         self._pretrained: StateDict | None = None
+        self._has_batchnorm = False  # set with self._pretrained
         #: the config's recipes plus the ones studies add (label-smoothing strengths)
         self.recipes: dict[str, dict[str, Any]] = dict(config.recipes)
         self.timings: dict[str, float] = {}
@@ -101,6 +103,7 @@ class ExperimentRunner:
         """theta_pre over the task-vector parameters (identical for every task)."""
         if self._pretrained is None:
             model = build_model(self.spec_for(self.config.tasks[0]), pretrained=True)
+            self._has_batchnorm = has_batchnorm(model)
             selector = model.task_vector_selector()
             self._pretrained = {k: v.detach().clone() for k, v in model.state_dict().items() if selector(k, v)}
         return self._pretrained
@@ -187,10 +190,12 @@ class ExperimentRunner:
 
         name = f"{recipe}-{task}" + (f"-{tag}" if tag else "")
         out = self.run_dir / "conditioned" / scenario / name
-        if (out / "distac_model.json").is_file():
-            return out
         values = {**self.config.condition_settings(scenario), **(overrides or {})}
         config = replace(ConditionConfig(**values), kappa=kappa)
+        if (out / "distac_model.json").is_file():
+            if self._conditioned_batchnorm_current(out, config):
+                return out
+            self.echo(f"  {scenario}/{name}: made with the teacher's BatchNorm statistics; conditioning again")
         self.echo(
             f"conditioning {task} [{recipe}, {scenario}] kappa={kappa:.3f} "
             f"T_t={config.teacher_temperature} T_s={config.student_temperature} steps={config.steps}"
@@ -209,9 +214,26 @@ class ExperimentRunner:
             "config": _jsonable(config),
             "history": _jsonable(result.history),
         }
+        record["batchnorm_recomputed_layers"] = result.config.get("batchnorm_recomputed_layers", 0)
         save_model(result.student, out, extra={"condition.json": record})
         self._prune_empty_work_dirs(work_dir)
         return out
+
+    def _conditioned_batchnorm_current(self, out: Path, config: Any) -> bool:
+        """Whether a cached conditioned model treated BatchNorm statistics as ``config`` asks.
+
+        Records older than the option lack ``batchnorm_recomputed_layers``: they kept the teacher's
+        statistics, which is only current where nothing would be re-estimated (no BatchNorm, kappa 1).
+        Newer records match: a changed ``condition`` option is refused by ``check_cache_compatible``.
+        """
+        record = json.loads((out / "condition.json").read_text())
+        if "batchnorm_recomputed_layers" in record:
+            return True
+        self.pretrained_backbone()  # sets self._has_batchnorm
+        would_recompute = config.batchnorm_statistics == "recompute" or (
+            config.batchnorm_statistics == "auto" and config.kappa != 1.0
+        )
+        return not (self._has_batchnorm and would_recompute)
 
     # ------------------------------------------------------------------------------------ merging
     def eval_settings(self) -> EvalSettings:
@@ -253,8 +275,11 @@ class ExperimentRunner:
             "norms": norms,
         }
         pretrained_file = out_dir / "pretrained.json"
-        if pretrained_file.is_file():
-            results["pretrained"] = json.loads(pretrained_file.read_text())
+        # records made before BatchNorm statistics were re-estimated for merges lack the key: "keep"
+        batchnorm = bank.batchnorm_mode()
+        cached_pretrained = json.loads(pretrained_file.read_text()) if pretrained_file.is_file() else None
+        if cached_pretrained is not None and cached_pretrained.get("batchnorm_statistics", "keep") == batchnorm:
+            results["pretrained"] = cached_pretrained
         else:
             results["pretrained"] = evaluate_method(
                 "task_arithmetic",
@@ -271,7 +296,10 @@ class ExperimentRunner:
             file = out_dir / f"{method}.json"
             if file.is_file():
                 cached = json.loads(file.read_text())
-                if cached.get("info", {}).get("hyperparameters") == self._method_hyperparameters(method):
+                if (
+                    cached.get("info", {}).get("hyperparameters") == self._method_hyperparameters(method)
+                    and cached.get("batchnorm_statistics", "keep") == batchnorm
+                ):
                     results[method] = cached
                     continue
                 self.echo(f"  {scenario_key}: {method} options changed; merging again")
@@ -395,11 +423,15 @@ class ExperimentRunner:
         cached in ``studies/scale_curve.json``.
         """
         file = self.run_dir / "studies" / f"scale_curve-{recipe}.json"
+        settings = self.eval_settings()
+        self.pretrained_backbone()  # sets self._has_batchnorm
+        batchnorm = "recompute" if self._has_batchnorm and settings.batchnorm_statistics != "keep" else "keep"
         if file.is_file():
-            return json.loads(file.read_text())
+            cached = json.loads(file.read_text())
+            if cached.get("batchnorm_statistics", "keep") == batchnorm:
+                return cached
         scales = [float(s) for s in (scales or [0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0])]
         pre = self.pretrained_backbone()
-        settings = self.eval_settings()
         curves: dict[str, Any] = {}
         for task in self.config.tasks:
             model = self.load(self.ensure_source(recipe, task))
@@ -412,7 +444,7 @@ class ExperimentRunner:
                 points.append({"scale": scale, "score": metrics.score, "entropy": metrics.entropy})
             curves[task] = points
             self.echo(f"  scale curve {task}: " + " ".join(f"{p['scale']:g}:{p['score']:.3f}" for p in points))
-        record = {"recipe": recipe, "scales": scales, "curves": curves}
+        record = {"recipe": recipe, "scales": scales, "curves": curves, "batchnorm_statistics": batchnorm}
         atomic_write_json(file, record)
         return record
 
