@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from distac.experiments.report import noise_band_points, paper_comparison_markdown
+from distac.experiments.report import choices_markdown, noise_band_points, paper_comparison_markdown
 
 
 def _entry(absolute: float) -> dict[str, float]:
@@ -60,3 +60,40 @@ def test_noise_band_is_one_standard_error_of_a_difference_of_averages() -> None:
     # T equal tasks: the average is T times less noisy in variance
     assert noise_band_points(results(200, 200, 200, 200)) == pytest.approx(100 * math.sqrt(0.5 / 200) / 2)
     assert noise_band_points({"scenarios": {}}) == 0.0  # no test sizes recorded: no band
+
+
+def _choice(long_task: str, norms: dict[str, float], kappa: float, scores: dict[str, tuple[float, float]]) -> dict:
+    """A per-choice block: variant -> method -> (absolute, the long task's own test score)."""
+    run: dict = {"kappas": {long_task: kappa}}
+    for variant, (absolute, own) in scores.items():
+        run[variant] = {
+            "norms": norms,
+            "individual": {"test": {long_task: {"score": 0.9}}},
+            "task_arithmetic": {"absolute": absolute, "test": {long_task: {"score": own}}},
+        }
+    return run
+
+
+def test_choices_table_lists_every_long_task_with_its_norms_kappa_and_scores() -> None:
+    norms_a = {"a": 30.0, "b": 3.0, "c": 4.5}
+    norms_b = {"a": 3.5, "b": 28.0, "c": 4.0}
+    block = {
+        "choices": {
+            "a": _choice("a", norms_a, 0.125, {"plain": (0.40, 0.85), "distac": (0.50, 0.70)}),
+            "b": _choice("b", norms_b, 0.134, {"plain": (0.44, 0.80), "distac": (0.54, 0.60)}),
+        },
+        "average": {
+            "plain": {"task_arithmetic": {"absolute": 0.42}},
+            "distac": {"task_arithmetic": {"absolute": 0.52}},
+        },
+    }
+    table = choices_markdown("norm_mismatch", block, ["task_arithmetic"])
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines() if line.startswith("| ")]
+    header, first, second, average, own_header, own_a, own_b = rows
+    # no scaling-only run in either choice: no column for it
+    assert header == ["long task", "‖τ_long‖ vs others", "κ", "Task arithmetic", "Task arithmetic + DisTaC"]
+    assert first == ["a", "30.0 vs 3.0-4.5", "0.125", "40.0", "50.0"]
+    assert second == ["b", "28.0 vs 3.5-4.0", "0.134", "44.0", "54.0"]
+    assert average == ["**average**", "", "", "42.0", "52.0"]
+    assert own_header[:2] == ["long task", "long source alone"]
+    assert own_a == ["a", "90.0", "85.0", "70.0"] and own_b == ["b", "90.0", "80.0", "60.0"]

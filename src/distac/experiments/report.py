@@ -162,6 +162,55 @@ def table1_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+CHOICE_VARIANTS = (("plain", ""), ("distac", " + DisTaC"), ("scaling_alone", " + scaling only"))
+
+
+def choices_markdown(scenario: str, block: dict[str, Any], methods: list[str]) -> str:
+    """One row per choice of the long source: how long its task vector was against the others', κ, and
+    each method's merged score plain / + DisTaC / + scaling only, then the average over the choices.
+    A second table gives the long task's own test score, alone and inside each merge: whether a merge
+    kept the long task or gave it up for the others is what the averages hide."""
+    choices: dict[str, dict[str, Any]] = block["choices"]
+    variants = [(v, suffix) for v, suffix in CHOICE_VARIANTS if any(v in run for run in choices.values())]
+    columns = [(m, v, suffix) for m in methods for v, suffix in variants]
+    head = " | ".join(f"{METHOD_LABELS.get(m, m)}{suffix}" for m, _, suffix in columns)
+    lines = [
+        f"### {SCENARIO_LABELS.get(scenario, scenario)}: merged score per choice of the long source, absolute %",
+        "",
+        f"| long task | ‖τ_long‖ vs others | κ | {head} |",
+        "|---|---|---:|" + "---:|" * len(columns),
+    ]
+
+    def score(run: dict[str, Any], variant: str, method: str, task: str | None = None) -> str:
+        entry = run.get(variant, {}).get(method)
+        if not entry or "absolute" not in entry:
+            return "-"
+        value = entry["absolute"] if task is None else entry.get("test", {}).get(task, {}).get("score")
+        return "-" if value is None else f"{100 * value:.1f}"
+
+    for task, run in choices.items():
+        norms = run.get("plain", {}).get("norms", {})
+        others = [n for t, n in norms.items() if t != task]
+        length = f"{norms[task]:.1f} vs {min(others):.1f}-{max(others):.1f}" if task in norms and others else "-"
+        kappa = run.get("kappas", {}).get(task)
+        cells = " | ".join(score(run, v, m) for m, v, _ in columns)
+        lines.append(f"| {task} | {length} | {'-' if kappa is None else f'{kappa:.3f}'} | {cells} |")
+    average = " | ".join(score(block["average"], v, m) for m, v, _ in columns)
+    lines += [f"| **average** | | | {average} |", ""]
+
+    lines += [
+        "Test score of the long task itself, alone and inside each merge, %:",
+        "",
+        f"| long task | long source alone | {head} |",
+        "|---|---:|" + "---:|" * len(columns),
+    ]
+    for task, run in choices.items():
+        alone = run.get("plain", {}).get("individual", {}).get("test", {}).get(task, {}).get("score")
+        cells = " | ".join(score(run, v, m, task) for m, v, _ in columns)
+        lines.append(f"| {task} | {'-' if alone is None else f'{100 * alone:.1f}'} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
 def per_task_markdown(run: dict[str, Any], title: str) -> str:
     """Per-task test scores of one merge run (``plain`` or ``distac`` block)."""
     tasks = list(run["individual"]["test"])
@@ -194,6 +243,7 @@ def write_report(run_dir: str | Path) -> Path:
     ]
     for scenario, block in results["scenarios"].items():
         if "choices" in block:
+            parts.append(choices_markdown(scenario, block, results["config"]["methods"]))
             for choice, run in block["choices"].items():
                 for variant in ("plain", "distac", "scaling_alone"):
                     if variant in run:
