@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from distac.experiments.report import choices_markdown, noise_band_points, paper_comparison_markdown
+from distac.experiments.report import choices_markdown, noise_band_points, paper_comparison_markdown, plot_table1
 
 
 def _entry(absolute: float) -> dict[str, float]:
@@ -97,3 +97,20 @@ def test_choices_table_lists_every_long_task_with_its_norms_kappa_and_scores() -
     assert average == ["**average**", "", "", "42.0", "52.0"]
     assert own_header[:2] == ["long task", "long source alone"]
     assert own_a == ["a", "90.0", "85.0", "70.0"] and own_b == ["b", "90.0", "80.0", "60.0"]
+
+
+def test_table1_plot_draws_scaling_only_bars_where_the_study_ran(tmp_path) -> None:
+    def block(score: float) -> dict:
+        return {m: {"absolute": score, "normalized": score / 0.6} for m in ("task_arithmetic", "tsvm")}
+
+    plain = {**block(0.4), "individual": {"absolute": 0.6}}
+    results = {
+        "config": {"methods": ["task_arithmetic", "tsvm"]},
+        "scenarios": {
+            "original": {"average": {"plain": {**block(0.5), "individual": {"absolute": 0.6}}}},
+            "norm_mismatch": {"average": {"plain": plain, "distac": block(0.5), "scaling_alone": block(0.45)}},
+        },
+    }
+    drawn = plot_table1(results, tmp_path / "table1.png")
+    assert drawn == {"original": ["merge"], "norm_mismatch": ["merge", "+ DisTaC", "+ scaling only"]}
+    assert (tmp_path / "table1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

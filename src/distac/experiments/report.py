@@ -370,29 +370,37 @@ def plot_scale_curve(curve: dict[str, Any], path: Path) -> None:
         ax.legend(fontsize=7)
 
 
-def plot_table1(results: dict[str, Any], path: Path) -> None:
+def plot_table1(results: dict[str, Any], path: Path) -> dict[str, list[str]]:
+    """Table 1 as bars: per scenario, each method's merge, + DisTaC and + scaling only where run.
+    Returns the series drawn per scenario."""
     scenarios = list(results["scenarios"])
     methods = results["config"]["methods"]
+    series = (("plain", "merge"), ("distac", "+ DisTaC"), ("scaling_alone", "+ scaling only"))
+    drawn: dict[str, list[str]] = {}
     with _figure(path, ncols=len(scenarios), figsize=(4.5 * len(scenarios), 3.6)) as axes:
         for ax, scenario in zip(axes, scenarios, strict=True):
             avg = results["scenarios"][scenario]["average"]
-            xs = range(len(methods))
-            plain = [100 * avg["plain"].get(m, {}).get("absolute", 0) for m in methods]
-            ax.bar([x - 0.2 for x in xs], plain, width=0.4, label="merge")
-            if "distac" in avg:
-                ax.bar(
-                    [x + 0.2 for x in xs],
-                    [100 * avg["distac"].get(m, {}).get("absolute", 0) for m in methods],
-                    width=0.4,
-                    label="+ DisTaC",
-                )
+            shown = [(key, label) for key, label in series if key in avg]
+            drawn[scenario] = [label for _, label in shown]
+            width = 0.8 / len(shown)
+            tallest = 100 * avg["plain"]["individual"]["absolute"]
+            for i, (key, label) in enumerate(shown):
+                offset = (i - (len(shown) - 1) / 2) * width
+                heights = [100 * avg[key].get(m, {}).get("absolute", 0) for m in methods]
+                ax.bar([x + offset for x in range(len(methods))], heights, width=width, label=label)
+                tallest = max(tallest, *heights)
             ind = 100 * avg["plain"]["individual"]["absolute"]
             ax.axhline(ind, color="k", linestyle="--", linewidth=1, label="individual")
-            ax.set_xticks(list(xs), [METHOD_LABELS.get(m, m) for m in methods], rotation=45, ha="right", fontsize=8)
+            ax.set_ylim(top=tallest * 1.3)  # headroom keeps the legend off the bars
+            ax.set_xticks(
+                range(len(methods)), [METHOD_LABELS.get(m, m) for m in methods], rotation=45, ha="right", fontsize=8
+            )
             ax.set_title(SCENARIO_LABELS.get(scenario, scenario))
             ax.set_ylabel("avg accuracy (%)")
         # the legend goes where every series appears (the Original column has no DisTaC bars)
-        max(axes, key=lambda ax: len(ax.get_legend_handles_labels()[1])).legend(fontsize=8)
+        legend_ax = max(axes, key=lambda ax: len(ax.get_legend_handles_labels()[1]))
+        legend_ax.legend(fontsize=7, loc="upper center", ncol=2)
+    return drawn
 
 
 def _scenario_recipes(results: dict[str, Any]) -> dict[str, set[str]]:
