@@ -375,7 +375,7 @@ def plot_table1(results: dict[str, Any], path: Path) -> dict[str, list[str]]:
     Returns the series drawn per scenario."""
     scenarios = list(results["scenarios"])
     methods = results["config"]["methods"]
-    series = (("plain", "merge"), ("distac", "+ DisTaC"), ("scaling_alone", "+ scaling only"))
+    series = [(variant, suffix.strip() or "merge") for variant, suffix in CHOICE_VARIANTS]
     drawn: dict[str, list[str]] = {}
     with _figure(path, ncols=len(scenarios), figsize=(4.5 * len(scenarios), 3.6)) as axes:
         for ax, scenario in zip(axes, scenarios, strict=True):
@@ -383,13 +383,13 @@ def plot_table1(results: dict[str, Any], path: Path) -> dict[str, list[str]]:
             shown = [(key, label) for key, label in series if key in avg]
             drawn[scenario] = [label for _, label in shown]
             width = 0.8 / len(shown)
-            tallest = 100 * avg["plain"]["individual"]["absolute"]
+            ind = 100 * avg["plain"]["individual"]["absolute"]
+            tallest = ind
             for i, (key, label) in enumerate(shown):
                 offset = (i - (len(shown) - 1) / 2) * width
                 heights = [100 * avg[key].get(m, {}).get("absolute", 0) for m in methods]
                 ax.bar([x + offset for x in range(len(methods))], heights, width=width, label=label)
                 tallest = max(tallest, *heights)
-            ind = 100 * avg["plain"]["individual"]["absolute"]
             ax.axhline(ind, color="k", linestyle="--", linewidth=1, label="individual")
             ax.set_ylim(top=tallest * 1.3)  # headroom keeps the legend off the bars
             ax.set_xticks(
