@@ -113,6 +113,21 @@ def test_nan_weights_are_reported_with_the_tensor_name(tmp_path: Path) -> None:
         load_state_dict(tmp_path / "nan.safetensors")
 
 
+def test_nan_in_a_directory_names_the_shard_and_the_torch_file_that_hold_it(tmp_path: Path) -> None:
+    state = _state()
+    bad_key = "encoder.layer.0.bias"
+    state[bad_key][3] = float("nan")
+    sharded = save_state_dict(state, tmp_path / "sharded", max_shard_bytes=64)
+    holder = json.loads((sharded / SAFETENSORS_INDEX).read_text())["weight_map"][bad_key]
+    assert len(set(json.loads((sharded / SAFETENSORS_INDEX).read_text())["weight_map"].values())) > 1
+    with pytest.raises(CheckpointError, match=f"sharded/{holder}: tensor '{bad_key}' contains 1 NaN"):
+        load_state_dict(sharded)
+    (tmp_path / "torch").mkdir()
+    torch.save(state, tmp_path / "torch" / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=f"torch/pytorch_model.bin: tensor '{bad_key}' contains 1 NaN"):
+        load_state_dict(tmp_path / "torch")
+
+
 def test_missing_path_and_empty_directory(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no such file"):
         load_state_dict(tmp_path / "absent")

@@ -403,11 +403,15 @@ def load_state_dict(
     reader = open_checkpoint(path)
     state = reader.load_all(device)
     if check_finite:
-        check_state_finite(state, path)
+        check_state_finite(state, path, files=reader.files)
     return state
 
 
-def check_state_finite(state: Mapping[str, torch.Tensor], source: object) -> None:
+def check_state_finite(
+    state: Mapping[str, torch.Tensor], source: object, *, files: Mapping[str, Path] | None = None
+) -> None:
+    """Raise naming the tensor and where it came from: the file that holds it when ``files`` (key -> file,
+    as ``CheckpointReader.files``) is given, so a directory or shard index points at the right shard."""
     for key, tensor in state.items():
         if not (tensor.is_floating_point() or tensor.is_complex()):
             continue
@@ -417,7 +421,8 @@ def check_state_finite(state: Mapping[str, torch.Tensor], source: object) -> Non
             finite = torch.isfinite(tensor.float())
         if not bool(finite.all()):
             bad = int((~finite).sum())
-            raise CheckpointError(f"{source}: tensor {key!r} contains {bad} NaN/Inf values")
+            where = files.get(key, source) if files else source
+            raise CheckpointError(f"{where}: tensor {key!r} contains {bad} NaN/Inf values")
 
 
 def _unshare(state: Mapping[str, torch.Tensor]) -> StateDict:
