@@ -95,3 +95,60 @@ def test_seeds_command_writes_the_report(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["seeds", str(a), str(b), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert "gain (distac)" in result.output and (tmp_path / "out" / "seeds.md").is_file()
+
+
+def _choices_results(seed: int, long_tasks: list[str], scores: dict[str, tuple[float, float, float]]) -> dict:
+    """A norm-mismatch run over several long tasks: TA at (plain, + DisTaC, + scaling only) per choice,
+    original TA merge at 0.70."""
+    spec = {"recipe": "base", "long_recipe": "lr_x10", "long_tasks": long_tasks}
+    choices = {
+        task: {
+            "plain": {"task_arithmetic": _entry(plain)},
+            "distac": {"task_arithmetic": _entry(distac)},
+            "scaling_alone": {"task_arithmetic": _entry(scaled)},
+        }
+        for task, (plain, distac, scaled) in scores.items()
+    }
+    average = {
+        variant: {"task_arithmetic": _entry(sum(s[i] for s in scores.values()) / len(scores))}
+        for i, variant in enumerate(("plain", "distac", "scaling_alone"))
+    }
+    return {
+        "experiment": "toy",
+        "config": {"seed": seed, "methods": ["task_arithmetic"], "scenarios": {"norm_mismatch": spec}},
+        "scenarios": {
+            "original": {"average": {"plain": {"task_arithmetic": _entry(0.70)}}},
+            "norm_mismatch": {"choices": choices, "average": average},
+        },
+    }
+
+
+def test_effects_are_also_reported_per_choice_of_the_long_source(tmp_path: Path) -> None:
+    a = _write(
+        tmp_path, "s0", _choices_results(0, ["sst2", "trec"], {"sst2": (0.60, 0.69, 0.68), "trec": (0.66, 0.70, 0.62)})
+    )
+    b = _write(
+        tmp_path, "s1", _choices_results(1, ["sst2", "trec"], {"sst2": (0.50, 0.70, 0.71), "trec": (0.64, 0.69, 0.60)})
+    )
+    summary = aggregate(load_runs([a, b]))
+    effects = {(e["choice"], e["effect"]): e for e in summary["choice_effects"]}
+    assert effects[("sst2", "drop")]["values"] == pytest.approx([-10.0, -20.0])  # plain − original 70
+    assert effects[("sst2", "gain (distac)")]["values"] == pytest.approx([9.0, 20.0])
+    assert effects[("trec", "distac − scaling only")]["values"] == pytest.approx([8.0, 9.0])
+    assert effects[("trec", "distac − scaling only")]["mean"] == pytest.approx(8.5)
+    assert effects[("sst2", "distac − scaling only")]["values"] == pytest.approx([1.0, -1.0])
+    text = write_seed_report([a, b], tmp_path / "out").read_text()
+    assert (
+        "| Norm mismatch | trec | Task arithmetic | -4.0 / -6.0 (-5.0) | +4.0 / +5.0 (+4.5) | +8.0 / +9.0 (+8.5) |"
+        in text
+    )
+
+
+def test_a_scenario_averaged_over_different_long_tasks_is_refused(tmp_path: Path) -> None:
+    """Seed 0 over eight choices and seed 1 over three would put unlike averages into one spread."""
+    a = _write(
+        tmp_path, "s0", _choices_results(0, ["sst2", "trec"], {"sst2": (0.6, 0.7, 0.7), "trec": (0.6, 0.7, 0.6)})
+    )
+    b = _write(tmp_path, "s1", _choices_results(1, ["trec"], {"trec": (0.6, 0.7, 0.6)}))
+    with pytest.raises(ConfigError, match="'norm_mismatch' is defined differently"):
+        aggregate(load_runs([a, b]))

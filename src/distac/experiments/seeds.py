@@ -63,6 +63,13 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     plain merge of its own scenario)."""
     methods = runs[0]["config"]["methods"]
     scenarios = [s for s in runs[0]["scenarios"] if all(s in run["scenarios"] for run in runs)]
+    for scenario in scenarios:  # a scenario's cells are comparable only if every run defined it alike
+        specs = [run["config"].get("scenarios", {}).get(scenario) for run in runs]
+        if any(spec != specs[0] for spec in specs[1:]):
+            raise ConfigError(
+                f"scenario {scenario!r} is defined differently in the runs ({specs}): e.g. averages over "
+                "different long tasks are not comparable; rerun them with the same definition"
+            )
 
     def collect(scenario: str, variant: str, row: str) -> list[float] | None:
         values = [merged_score(run, scenario, variant, row) for run in runs]
@@ -108,7 +115,62 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "scenarios": scenarios,
         "cells": cells,
         "effects": effects,
+        "choice_effects": choice_effects(runs, scenarios, methods),
     }
+
+
+#: Per-choice effects: name -> (variant, minus this variant of the same choice, or the original merge).
+CHOICE_EFFECTS = {
+    "drop": ("plain", "original"),
+    "gain (distac)": ("distac", "plain"),
+    "distac − scaling only": ("distac", "scaling_alone"),
+}
+
+
+def _choice_score(run: dict[str, Any], scenario: str, choice: str, variant: str, method: str) -> float | None:
+    entry = run["scenarios"][scenario]["choices"][choice].get(variant, {}).get(method)
+    return None if not entry or "absolute" not in entry else 100 * float(entry["absolute"])
+
+
+def choice_effects(runs: list[dict[str, Any]], scenarios: list[str], methods: list[str]) -> list[dict[str, Any]]:
+    """Each effect per choice of the long source and per seed, for scenarios run over several long
+    tasks (norm mismatch averaged over choices). The average over choices hides which long task a
+    method fails or DisTaC pays on (on text, the scale-sensitive AG News and TREC), and whether that
+    repeats with the seed; only choices every run has are compared."""
+    out: list[dict[str, Any]] = []
+    for scenario in scenarios:
+        if not all("choices" in run["scenarios"][scenario] for run in runs):
+            continue
+        shared = [
+            c
+            for c in runs[0]["scenarios"][scenario]["choices"]
+            if all(c in run["scenarios"][scenario]["choices"] for run in runs)
+        ]
+        for choice in shared:
+            for method in methods:
+                for effect, (variant, reference) in CHOICE_EFFECTS.items():
+                    values = []
+                    for run in runs:
+                        value = _choice_score(run, scenario, choice, variant, method)
+                        base = (
+                            merged_score(run, "original", "plain", method)
+                            if reference == "original"
+                            else _choice_score(run, scenario, choice, reference, method)
+                        )
+                        if value is None or base is None:
+                            break
+                        values.append(value - base)
+                    else:
+                        out.append(
+                            {
+                                "scenario": scenario,
+                                "choice": choice,
+                                "method": method,
+                                "effect": effect,
+                                **_stats(values),
+                            }
+                        )
+    return out
 
 
 def _mean_sd(stats: dict[str, Any] | None, signed: bool = False) -> str:
@@ -148,7 +210,39 @@ def seeds_markdown(summary: dict[str, Any]) -> str:
             f"| {METHOD_LABELS.get(effect['method'], effect['method'])} | {effect['effect']} "
             f"| {per_seed} | {_mean_sd(effect, signed=True)} |"
         )
+    lines += choice_effects_markdown(summary)
     return "\n".join(lines) + "\n"
+
+
+def choice_effects_markdown(summary: dict[str, Any]) -> list[str]:
+    """One row per (scenario, long task, method): each per-choice effect as 'per seed (mean)'."""
+    effects = summary.get("choice_effects") or []
+    if not effects:
+        return []
+    lines = [
+        "",
+        "### Effects per choice of the long source (points, per seed (mean)): drop = choice − original merge,",
+        "gain = + DisTaC − plain merge of that choice, and + DisTaC − + scaling only",
+        "",
+        "| scenario | long task | method | " + " | ".join(CHOICE_EFFECTS) + " |",
+        "|---|---|---|" + "---:|" * len(CHOICE_EFFECTS),
+    ]
+    table: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}
+    for effect in effects:
+        table.setdefault((effect["scenario"], effect["choice"], effect["method"]), {})[effect["effect"]] = effect
+    for (scenario, choice, method), row in table.items():
+        cells = []
+        for name in CHOICE_EFFECTS:
+            stats = row.get(name)
+            cells.append(
+                "" if stats is None else " / ".join(f"{v:+.1f}" for v in stats["values"]) + f" ({stats['mean']:+.1f})"
+            )
+        lines.append(
+            f"| {SCENARIO_LABELS.get(scenario, scenario)} | {choice} | {METHOD_LABELS.get(method, method)} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return lines
 
 
 def write_seed_report(run_dirs: list[Path], out_dir: Path) -> Path:
