@@ -61,6 +61,8 @@ def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
     If ``target`` exists it is replaced only after the new directory is complete.
     """
     target = Path(target)
+    if target.exists() and not target.is_dir():  # a user's file is never swapped for a directory
+        raise FileExistsError(f"{target}: exists and is not a directory; refusing to replace it with one")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; as os.mkdir would

@@ -381,10 +381,32 @@ def validate_checkpoint(path: str | os.PathLike[str]) -> None:
         _index_files(index)
 
 
-def check_output_path(output: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None]) -> None:
-    """Refuse an output that would replace an input: writing a directory atomically swaps the whole
-    target, so an output equal to an input, or containing one, would delete that input."""
+def check_output_path(
+    output: str | os.PathLike[str],
+    inputs: Iterable[str | os.PathLike[str] | None] = (),
+    *,
+    kind: str = "directory",
+) -> None:
+    """Refuse, before any work, an output that cannot be written or would destroy something:
+
+    * one that would replace an input: writing a directory atomically swaps the whole target, so an
+      output equal to an input, or containing one, would delete that input;
+    * a directory output where a file is (it would be replaced by a directory), or a file output
+      where a directory is (``kind``: ``directory`` or ``file``);
+    * one below a regular file, which no command could create."""
     target = Path(output).resolve()
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CheckpointError(f"{output}: cannot write here, {parent} is a file, not a directory")
+            break
+    if kind == "directory" and target.exists() and not target.is_dir():
+        raise CheckpointError(
+            f"{output}: exists and is a file; the output is a directory and would replace it. Remove it or choose "
+            "another output"
+        )
+    if kind == "file" and target.is_dir():
+        raise CheckpointError(f"{output}: is a directory; give a file name for this output")
     for item in inputs:
         if item is None:
             continue

@@ -40,23 +40,28 @@ def register(app: typer.Typer) -> None:
 
         Runs on several GPUs (or CPU processes) under `accelerate launch -m distac.cli condition ...`;
         only the main process writes the output."""
+        from distac.checkpoints import check_output_path
         from distac.conditioning.distac import ConditionConfig, condition
         from distac.conditioning.losses import scaling_coefficient
         from distac.config import build_dataclass, load_config
         from distac.data import load_task
         from distac.distributed import is_main_process
         from distac.models import build_model, load_model, save_model
+        from distac.models.registry import check_same_backbone
         from distac.task_vectors import TaskVector
 
+        check_output_path(output, [source, *others])  # the output directory replaces whatever is there
         teacher = load_model(source)
         selector = teacher.task_vector_selector()
         pretrained = {k: v for k, v in build_model(teacher.spec).state_dict().items() if selector(k, v)}
         if kappa == "auto":
             if not others:
                 raise typer.BadParameter("--kappa auto needs --others")
+            other_models = {str(p): load_model(p) for p in others}
+            check_same_backbone({str(source): teacher, **other_models})
             norms = [
-                TaskVector.from_state_dicts(pretrained, load_model(p).state_dict(), selector).norm()
-                for p in [source, *others]
+                TaskVector.from_state_dicts(pretrained, m.state_dict(), selector).norm()
+                for m in [teacher, *other_models.values()]
             ]
             kappa_value = scaling_coefficient(norms, 0)
         else:
@@ -78,6 +83,7 @@ def register(app: typer.Typer) -> None:
         values.update({"kappa": kappa_value, "device": device})
         cfg = build_dataclass(ConditionConfig, values, "condition")
         task = load_task(task_name or teacher.spec.task or source.name, data_root)
+        teacher.check_task(task, "validation", model_source=source)
         result = condition(teacher, pretrained, task, cfg, work_dir=work_dir or output.with_name(output.name + ".work"))
         if not is_main_process():
             return

@@ -31,8 +31,16 @@ def register(app: typer.Typer) -> None:
         from distac.conditioning.diagnose import SourceModel, diagnose
         from distac.data import load_task
         from distac.models import build_model, load_model
+        from distac.models.registry import check_same_backbone
 
+        if output is not None:
+            from distac.checkpoints import check_output_path
+
+            check_output_path(output)
+        if examples is not None and examples < 1:
+            raise typer.BadParameter(f"--examples must be at least 1, got {examples}")
         models = [load_model(p) for p in sources]
+        check_same_backbone({str(p): m for p, m in zip(sources, models, strict=True)})
         first = models[0]
         selector = first.task_vector_selector()
         pretrained = {k: v for k, v in build_model(first.spec).state_dict().items() if selector(k, v)}
@@ -40,6 +48,8 @@ def register(app: typer.Typer) -> None:
             SourceModel(p.name, m, load_task(m.spec.task or p.name, data_root))
             for p, m in zip(sources, models, strict=True)
         ]
+        for path, item in zip(sources, items, strict=True):
+            item.model.check_task(item.task, split, model_source=path)
         report = diagnose(
             pretrained,
             items,

@@ -27,6 +27,10 @@ def register(app: typer.Typer) -> None:
         """Accuracy (MCC for CoLA), normalized accuracy, entropy and ECE per task and averaged."""
         from distac.evaluation.evaluate import evaluate_paths
 
+        if output is not None:
+            from distac.checkpoints import check_output_path
+
+            check_output_path(output)
         table = evaluate_paths(
             models,
             individual or None,

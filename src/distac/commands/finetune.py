@@ -42,13 +42,23 @@ def register(app: typer.Typer) -> None:
         checkpoint_every=N`, default 100) and a rerun of the same command continues from it.
         Runs on several GPUs (or CPU processes) under `accelerate launch -m distac.cli finetune ...`;
         only the main process writes the output."""
+        from distac.checkpoints import check_output_path
         from distac.config import build_dataclass, load_config
         from distac.data import load_task
         from distac.distributed import is_main_process
         from distac.models import ModelSpec, build_model, save_model
+        from distac.models.registry import resolve_backbone
         from distac.training.finetune import FinetuneConfig, finetune
         from distac.training.losses import LossConfig
 
+        check_output_path(output, [backbone] if Path(backbone).exists() else [])
+        for flag, value in {
+            "--train-examples": train_examples,
+            "--max-length": max_length,
+            "--image-size": image_size,
+        }.items():
+            if value is not None and value < 1:
+                raise typer.BadParameter(f"{flag} must be at least 1, got {value}")
         values = load_config(config, overrides)
         loss_values = dict(values.pop("loss", {}) or {})
         for key, value in {"kind": loss, "alpha": alpha, "gamma": gamma}.items():
@@ -66,7 +76,12 @@ def register(app: typer.Typer) -> None:
         if image_size:
             options["image_size"] = image_size
         spec = ModelSpec(
-            family, backbone, data.num_classes, task=data.name, class_names=data.class_names, options=options
+            family,
+            resolve_backbone(backbone),
+            data.num_classes,
+            task=data.name,
+            class_names=data.class_names,
+            options=options,
         )
         model = build_model(spec)
         result = finetune(model, data, cfg, work_dir=work_dir or output.with_name(output.name + ".work"))

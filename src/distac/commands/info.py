@@ -63,6 +63,8 @@ def register(app: typer.Typer) -> None:
 
         if output is not None:
             check_output_path(output, [pretrained, finetuned])
+        if json_out is not None:
+            check_output_path(json_out, [pretrained, finetuned], kind="file")
         selector = ParameterSelector(include=tuple(include), exclude=tuple(exclude)) if (include or exclude) else None
         tv = TaskVector.from_checkpoints(pretrained, finetuned, selector)
         layers = tv.layer_norms()

@@ -15,6 +15,7 @@ Two kinds of input:
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -82,10 +83,22 @@ def register(app: typer.Typer) -> None:
         for path in [*finetuned, *([pretrained] if pretrained is not None else [])]:
             if not is_adapter_dir(path):  # adapters are checked by distac.peft_sources when read
                 validate_checkpoint(path)  # missing, unknown or corrupt files fail now, before loading anything
+        resolved = [p.resolve() for p in finetuned]
+        twice = sorted({str(p) for p, r in zip(finetuned, resolved, strict=True) if resolved.count(r) > 1})
+        if twice:
+            raise typer.BadParameter(f"a source is given more than once: {twice}")
         task_names = names or [p.name for p in finetuned]
-        if len(task_names) != len(finetuned) or len(set(task_names)) != len(task_names):
+        if names and (len(task_names) != len(finetuned) or len(set(task_names)) != len(task_names)):
             raise typer.BadParameter("--name must be given once per source, with distinct names")
+        if not names and len(set(task_names)) != len(task_names):
+            shared = sorted({n for n in task_names if task_names.count(n) > 1})
+            raise typer.BadParameter(
+                f"sources share the folder name(s) {shared}, which name their tasks in the output: "
+                "name each source with --name"
+            )
         shard_bytes = parse_size(max_shard_size)
+        if validation_examples is not None and validation_examples < 1:
+            raise typer.BadParameter(f"--validation-examples must be at least 1, got {validation_examples}")
         from distac.models.base import SPEC_FILE
 
         distac_models = all((p / SPEC_FILE).is_file() for p in finetuned)
@@ -139,18 +152,29 @@ def register(app: typer.Typer) -> None:
 
 
 def parse_size(text: str) -> int:
+    """``5GB``, ``500MB``, ``2GiB`` or a byte count; it must be positive."""
     units = {"KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "B": 1}
     upper = text.strip().upper()
+    size: float | None = None
     for unit in sorted(units, key=len, reverse=True):
         if upper.endswith(unit):
             try:
-                return int(float(upper[: -len(unit)]) * units[unit])
+                size = float(upper[: -len(unit)]) * units[unit]
             except ValueError:
-                break
-    try:
-        return int(upper)
-    except ValueError:
-        raise typer.BadParameter(f"cannot parse size {text!r} (use e.g. 5GB, 500MB)") from None
+                pass
+            break
+    if size is None:
+        try:
+            size = float(int(upper))
+        except ValueError:
+            raise typer.BadParameter(f"cannot parse size {text!r} (use e.g. 5GB, 500MB)") from None
+    if not math.isfinite(size) or size < 1:
+        raise typer.BadParameter(f"--max-shard-size must be a positive size (e.g. 5GB, 500MB), got {text!r}")
+    return int(size)
+
+
+#: More coefficient points than anyone can afford to evaluate is a typo in --grid, not a search.
+MAX_GRID_POINTS = 1000
 
 
 def parse_grid(text: str) -> list[float]:
@@ -158,9 +182,13 @@ def parse_grid(text: str) -> list[float]:
         start, stop, step = (float(x) for x in text.split(":"))
     except ValueError:
         raise typer.BadParameter(f"--grid must be start:stop:step, got {text!r}") from None
+    if not all(math.isfinite(x) for x in (start, stop, step)):
+        raise typer.BadParameter(f"--grid {text!r}: start, stop and step must be finite numbers")
     if step <= 0 or stop < start:
         raise typer.BadParameter(f"--grid {text!r}: need step > 0 and stop >= start")
     count = int(round((stop - start) / step)) + 1
+    if count > MAX_GRID_POINTS:  # each point is a merge plus a validation pass over every task
+        raise typer.BadParameter(f"--grid {text!r} has {count} points; at most {MAX_GRID_POINTS} (use a larger step)")
     return [round(start + i * step, 6) for i in range(count)]
 
 
@@ -272,16 +300,16 @@ def _merge_distac_models(
     from distac.experiments.merge_eval import EvalSettings, TaskModelBank, evaluate_method, individual_scores
     from distac.models import build_model, load_model, save_model
     from distac.models.batchnorm import estimation_inputs, recompute_batchnorm_statistics, resolve_batchnorm_choice
+    from distac.models.registry import check_pretrained_fits, check_same_backbone
 
     start = time.perf_counter()
     models = {n: load_model(p) for n, p in zip(names, finetuned, strict=True)}
-    families = {(m.spec.family, m.spec.backbone) for m in models.values()}
-    if len(families) > 1:
-        raise typer.BadParameter(f"the sources have different architectures: {sorted(families)}")
+    check_same_backbone({str(p): m for p, m in zip(finetuned, models.values(), strict=True)})
     first = next(iter(models.values()))
     selector = first.task_vector_selector()
     if pretrained is not None:
         pre_state = load_state_dict(pretrained)
+        check_pretrained_fits(pre_state, first, pretrained)
     else:
         pre_state = build_model(first.spec, pretrained=True).state_dict()
     pre = {k: v for k, v in pre_state.items() if selector(k, v)}

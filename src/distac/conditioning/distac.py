@@ -44,7 +44,7 @@ from distac.config import check_choice_option, check_device_option, check_option
 from distac.data import TaskData
 from distac.data.corruption import CORRUPTIONS, corrupt_unlabeled
 from distac.distributed import Runtime, runtime
-from distac.errors import CheckpointError
+from distac.errors import CheckpointError, DataError
 from distac.models.base import ClassifierModel, move_inputs
 from distac.models.batchnorm import (
     BATCHNORM_CHOICES,
@@ -176,6 +176,7 @@ def condition(
     and the result equals a single-process run (see :mod:`distac.distributed`); only the main
     process writes the resume state in ``work_dir``.
     """
+    teacher.check_task(task, "validation")  # a head that does not fit the task would distill nonsense
     rt = runtime(config.device)
     device = rt.device
     autocast = bf16_autocast(config.mixed_precision, device)
@@ -198,7 +199,7 @@ def condition(
 
     unlabeled = task.unlabeled(config.num_unlabeled, seed=config.seed)
     if len(unlabeled) == 0:
-        raise ValueError(f"{task.name}: no unlabeled inputs to distill on")
+        raise DataError(f"{task.source or task.name}: no unlabeled inputs to distill on")
     if config.unlabeled_corruption is not None:
         unlabeled = corrupt_unlabeled(unlabeled, config.unlabeled_corruption, config.corruption_strength, config.seed)
     val = task.validation.subsample(config.eval_examples, seed=config.seed + 1)

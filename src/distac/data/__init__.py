@@ -10,8 +10,14 @@ from distac.errors import DataError
 
 def load_task(name_or_path: str, data_root: str | Path | None = None) -> TaskData:
     """One entry point: a task name from the shared data, or a path to a dataset in a known format
-    (HF ``save_to_disk`` directory, image folder, directory with ``train.tsv``/``test.tsv``, ``.npz``)."""
+    (HF ``save_to_disk`` directory, image folder, directory with ``train.tsv``/``test.tsv``, ``.npz``).
+
+    A bare name of a known task (``sst2``, ``mnist``...) always means that task, even when the working
+    directory holds a folder of the same name (``distac finetune --task sst2 -o sst2`` makes one): a
+    model's task would otherwise resolve to its own output folder. Write ``./sst2`` for such a folder."""
     path = Path(name_or_path)
+    if _is_known_task_name(str(name_or_path)):
+        return load_shared_task(str(name_or_path), data_root)
     if path.exists():
         if path.suffix == ".npz":
             from distac.data.shared import load_vision_npz
@@ -34,6 +40,13 @@ def load_task(name_or_path: str, data_root: str | Path | None = None) -> TaskDat
             return load_image_folder(path)
         raise DataError(f"{path}: unknown dataset format")
     return load_shared_task(name_or_path, data_root)
+
+
+def _is_known_task_name(name: str) -> bool:
+    """A bare task name (no directory part) that the shared data defines."""
+    from distac.data.shared import TEXT_TASKS, VISION_TASKS, canonical_task
+
+    return Path(name).name == name and name not in (".", "..") and canonical_task(name) in {*TEXT_TASKS, *VISION_TASKS}
 
 
 __all__ = [

@@ -41,6 +41,8 @@ class Split:
 
     def subsample(self, n: int | None, seed: int = 0, stratified: bool = True) -> Split:
         """A fixed random subset of at most ``n`` examples (stratified by label by default)."""
+        if n is not None and n < 1:
+            raise DataError(f"a subset needs at least 1 example, got {n}")
         if n is None or n >= len(self):
             return self
         rng = np.random.default_rng(seed)

@@ -10,6 +10,7 @@ import torch
 
 from distac.atomic import atomic_write_json, atomic_write_text
 from distac.data import TaskData, load_task
+from distac.errors import ConfigError
 from distac.evaluation.calibration import calibration_report
 from distac.evaluation.metrics import TaskMetrics, compute_metrics, reliability_bins
 from distac.models import load_model
@@ -18,9 +19,11 @@ from distac.models.inference import predict_logits
 
 
 def model_logits(
-    model: ClassifierModel, task: TaskData, split: str, examples: int | None, device: str
+    model: ClassifierModel, task: TaskData, split: str, examples: int | None, device: str, model_source: object = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    model.check_task(task)
+    if examples is not None and examples < 1:
+        raise ConfigError(f"examples must be at least 1 (or unset for all), got {examples}")
+    model.check_task(task, model_source=model_source)
     data = task.split(split).subsample(examples, seed=17) if examples else task.split(split)
     model.check_labels(data.labels, f"{task.source or task.name} ({split})")
     return predict_logits(model, data.inputs, device=device), torch.as_tensor(data.labels)
@@ -44,12 +47,15 @@ def evaluate_paths(
     output: Path | None,
 ) -> dict[str, Any]:
     if individual is not None and len(individual) != len(models):
-        raise ValueError("--individual must list one model per evaluated model")
+        raise ConfigError(
+            f"--individual must list one model per evaluated model, in the same order: got {len(individual)} "
+            f"for {len(models)}"
+        )
     rows = []
     for i, path in enumerate(models):
         model = load_model(path)
         task = load_task(model.spec.task or path.name, data_root)
-        logits, labels = model_logits(model, task, split, examples, device)
+        logits, labels = model_logits(model, task, split, examples, device, model_source=path)
         metrics = compute_metrics(logits, labels, task.metric)
         row: dict[str, Any] = {
             "model": str(path),
@@ -62,16 +68,16 @@ def evaluate_paths(
             row["individual"] = ref.score
             row["normalized"] = metrics.score / ref.score if ref.score else 0.0
         rows.append(row)
-        if output is not None:
-            from distac.evaluation.plots import reliability_diagram
-
-            reliability_diagram(
-                row["reliability"], output / f"reliability_{i}_{task.name}.png", title=f"{path.name} on {task.name}"
-            )
     keys = ["score", "accuracy", "entropy", "ece"] + (["normalized"] if individual is not None else [])
     average = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
     table = {"split": split, "rows": rows, "average": average}
-    if output is not None:
+    if output is not None:  # only once every model was evaluated: a failure leaves no partial report
+        from distac.evaluation.plots import reliability_diagram
+
+        for i, (path, row) in enumerate(zip(models, rows, strict=True)):
+            reliability_diagram(
+                row["reliability"], output / f"reliability_{i}_{row['task']}.png", title=f"{path.name} on {row['task']}"
+            )
         atomic_write_json(output / "evaluation.json", table)
         lines = ["| model | task | score | normalized | entropy | ECE |", "|---|---|---|---|---|---|"]
         for r in rows:
@@ -86,8 +92,8 @@ def evaluate_paths(
 def calibrate_path(path: Path, *, examples: int | None, device: str, data_root: Path | None) -> dict[str, Any]:
     model = load_model(path)
     task = load_task(model.spec.task or path.name, data_root)
-    val_logits, val_labels = model_logits(model, task, "validation", examples, device)
-    test_logits, test_labels = model_logits(model, task, "test", examples, device)
+    val_logits, val_labels = model_logits(model, task, "validation", examples, device, model_source=path)
+    test_logits, test_labels = model_logits(model, task, "test", examples, device, model_source=path)
     report = calibration_report(val_logits, val_labels, test_logits, test_labels, task.metric)
     atomic_write_json(path / "calibration.json", report)
     return report

@@ -38,6 +38,7 @@ from distac.experiments.merge_eval import EvalSettings, TaskModelBank, evaluate_
 from distac.models import ModelSpec, build_model, load_model, save_model
 from distac.models.base import ClassifierModel
 from distac.models.batchnorm import has_batchnorm
+from distac.models.registry import resolve_backbone
 
 log = logging.getLogger("distac.experiments")
 
@@ -92,7 +93,7 @@ class ExperimentRunner:
         data = self.task_data(task)
         return ModelSpec(
             self.config.family,
-            self.config.backbone,
+            resolve_backbone(self.config.backbone),
             data.num_classes,
             task=data.name,
             class_names=data.class_names,

@@ -221,8 +221,11 @@ def choice_effects_markdown(summary: dict[str, Any]) -> list[str]:
         return []
     lines = [
         "",
-        "### Effects per choice of the long source (points, per seed (mean)): drop = choice − original merge,",
-        "gain = + DisTaC − plain merge of that choice, and + DisTaC − + scaling only",
+        "### Effects per choice of the long source (points)",
+        "",
+        "Each cell: the effect at each seed, then the mean in brackets. drop = the choice's plain merge − the "
+        "original merge; gain (distac) = + DisTaC − the choice's plain merge; distac − scaling only = + DisTaC − "
+        "+ scaling only.",
         "",
         "| scenario | long task | method | " + " | ".join(CHOICE_EFFECTS) + " |",
         "|---|---|---|" + "---:|" * len(CHOICE_EFFECTS),

@@ -151,12 +151,14 @@ class ClassifierModel(nn.Module, ABC):
                 f"{source}: labels range over [{low}, {high}] but the model head has {self.spec.num_labels} classes"
             )
 
-    def check_task(self, task: Any, split: str | None = None) -> None:
+    def check_task(self, task: Any, split: str | None = None, model_source: object = None) -> None:
         """A task with another number of classes than this model's head is an error (even when its labels
-        happen to fit), and so are labels outside the head; ``split`` also checks that split's labels."""
+        happen to fit), and so are labels outside the head; ``split`` also checks that split's labels.
+        ``model_source`` (the model's directory) is named in the error too."""
         if task.num_classes != self.spec.num_labels:
+            model = f"the model head of {model_source}" if model_source is not None else "the model head"
             raise DataError(
-                f"{task.source or task.name}: task {task.name!r} has {task.num_classes} classes but the model head "
+                f"{task.source or task.name}: task {task.name!r} has {task.num_classes} classes but {model} "
                 f"(task {self.spec.task!r}) has {self.spec.num_labels}"
             )
         if split is not None:

@@ -9,16 +9,31 @@ from typing import Any
 import numpy as np
 import torch
 
+from distac.errors import ConfigError
 from distac.models.base import ClassifierModel, Inputs, move_inputs
 
 log = logging.getLogger("distac.models")
 
 
 def pick_device(requested: str | None = None) -> torch.device:
-    """``auto`` (or None) = CUDA when available, else CPU."""
+    """``auto`` (or None) = CUDA when available, else CPU. Anything else must parse as a torch device
+    that exists here: ``--device cuda`` on a machine without one is a clear error, not a crash in the
+    first forward pass."""
     if requested in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise ConfigError(
+            f"device {requested!r} is not a torch device (auto, cpu, cuda, cuda:1, ...): {error}"
+        ) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index is not None and device.index >= count):
+            raise ConfigError(
+                f"device {requested!r}: this machine has {count} CUDA device(s); use --device cpu or auto"
+            )
+    return device
 
 
 def bf16_autocast(requested: bool, device: torch.device) -> bool:

@@ -8,6 +8,7 @@ backbone's config and tokenizer under ``architecture/`` so the directory is self
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -50,10 +51,27 @@ def _model_class(family: str) -> type[ClassifierModel]:
     return classes[family]
 
 
+def resolve_backbone(backbone: str) -> str:
+    """A backbone given as a local path, made absolute; a hub or timm name unchanged.
+
+    The spec is saved with the model and read back by later commands (``merge`` without
+    ``--pretrained``, ``diagnose``, ``condition`` rebuild theta_pre from it), which may run from another
+    directory: a relative path would then name another folder, or none."""
+    path = Path(backbone).expanduser()
+    return str(path.resolve()) if path.exists() else backbone
+
+
 def build_model(spec: ModelSpec, *, pretrained: bool = True, local_dir: Path | None = None) -> ClassifierModel:
     """A model for ``spec``: pretrained backbone (unless ``pretrained=False``) and a fresh head."""
     cls = _model_class(spec.family)
-    model = cls(spec, pretrained=pretrained, local_dir=local_dir)  # type: ignore[call-arg]
+    try:
+        model = cls(spec, pretrained=pretrained, local_dir=local_dir)  # type: ignore[call-arg]
+    except OSError as error:  # transformers/hub: neither a local directory nor a reachable hub name
+        where = "its architecture/ folder" if local_dir is not None and not pretrained else "the backbone"
+        raise CheckpointError(
+            f"backbone {spec.backbone!r} ({spec.family}): cannot load {where}: {error}. Give a local directory "
+            "(an absolute path, or one relative to the directory you run from) or a model name that is cached"
+        ) from error
     return model.eval()  # training code switches to train mode explicitly
 
 
@@ -78,7 +96,10 @@ def load_model(directory: str | os.PathLike[str], *, device: str | torch.device 
     """Rebuild the architecture from the spec and load the saved weights (strictly)."""
     directory = Path(directory)
     spec = ModelSpec.read(directory)
-    model = build_model(spec, pretrained=False, local_dir=directory / ARCHITECTURE_DIR)
+    try:
+        model = build_model(spec, pretrained=False, local_dir=directory / ARCHITECTURE_DIR)
+    except ConfigError as error:  # e.g. an unknown family: name the file that says so
+        raise CheckpointError(f"{directory / SPEC_FILE}: {error}") from error
     state = load_state_dict(directory)
     load_weights_strict(model, state, directory)
     return model.to(device)
@@ -99,3 +120,79 @@ def load_weights_strict(model: ClassifierModel, state: dict[str, torch.Tensor], 
                 f"{source}: {key!r} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}"
             )
     model.load_state_dict(state, strict=True)
+
+
+def _backbone_identity(backbone: str) -> str:
+    """A backbone's identity for comparison: local paths resolved, names as they are."""
+    return resolve_backbone(backbone)
+
+
+def backbone_shapes(model: ClassifierModel) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors a task vector covers (the shared backbone)."""
+    selector = model.task_vector_selector()
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if selector(k, v)}
+
+
+def check_same_backbone(models: Mapping[str, ClassifierModel]) -> None:
+    """Sources to be merged or compared must be fine-tuned from one pretrained model: the same family,
+    the same backbone, and the same backbone tensors (names and shapes). The error names the source
+    that differs from the first and how, before any tensor arithmetic fails on it."""
+    items = list(models.items())
+    if not items:
+        return
+    first_name, first = items[0]
+    first_shapes = backbone_shapes(first)
+    for name, model in items[1:]:
+        if model.spec.family != first.spec.family or _backbone_identity(model.spec.backbone) != _backbone_identity(
+            first.spec.backbone
+        ):
+            raise CheckpointError(
+                f"{name}: fine-tuned from {model.spec.family} backbone {model.spec.backbone!r}, but {first_name} from "
+                f"{first.spec.family} backbone {first.spec.backbone!r}: task vectors of different pretrained models "
+                "cannot be merged or compared"
+            )
+        describe_shape_mismatch(backbone_shapes(model), first_shapes, f"{name}", f"{first_name}")
+
+
+def describe_shape_mismatch(
+    shapes: Mapping[str, tuple[int, ...]], reference: Mapping[str, tuple[int, ...]], source: str, reference_source: str
+) -> None:
+    """Raise naming ``source`` when its tensors are not ``reference``'s (missing, extra, other shapes)."""
+    missing = [k for k in reference if k not in shapes]
+    extra = [k for k in shapes if k not in reference]
+    if missing or extra:
+        raise CheckpointError(
+            f"{source}: its backbone tensors are not those of {reference_source}: {len(missing)} missing "
+            f"(e.g. {missing[:3]}), {len(extra)} unexpected (e.g. {extra[:3]})"
+        )
+    for key, shape in reference.items():
+        if shapes[key] != shape:
+            raise CheckpointError(
+                f"{source}: {key!r} has shape {shapes[key]} but {shape} in {reference_source}: "
+                "not the same architecture"
+            )
+
+
+def check_pretrained_fits(pretrained: Mapping[str, torch.Tensor], model: ClassifierModel, source: object) -> None:
+    """theta_pre given as a checkpoint must hold every backbone tensor of the sources, in their shapes
+    (its other tensors, e.g. a head, are ignored)."""
+    wanted = backbone_shapes(model)
+    missing = [k for k in wanted if k not in pretrained]
+    if missing:
+        hint = ""
+        if any(k.split(".", 1)[-1] in pretrained for k in missing):
+            hint = (
+                f"; its keys lack the '{missing[0].split('.', 1)[0]}.' prefix of distac model directories: give the "
+                "pretrained model as a distac model directory, or omit --pretrained to rebuild it from the "
+                "sources' spec"
+            )
+        raise CheckpointError(
+            f"{source} (--pretrained): lacks {len(missing)} of the sources' {len(wanted)} backbone tensors "
+            f"(e.g. {missing[:3]}){hint}"
+        )
+    for key, shape in wanted.items():
+        if tuple(pretrained[key].shape) != shape:
+            raise CheckpointError(
+                f"{source} (--pretrained): {key!r} has shape {tuple(pretrained[key].shape)}, the sources' {shape}: "
+                "not the pretrained model of these sources"
+            )

@@ -1,0 +1,226 @@
+"""Bad input to the model commands (finetune, condition, diagnose, merge, evaluate) on real distac model
+directories: each case fails before any work with a clear error that names the file or option and the
+problem, never a traceback, a silently wrong number or a destroyed input. The cases come from an audit
+of the CLI; each of these failed (a traceback, an overwritten source, a wrong result) before its fix."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from transformers import BertConfig, BertModel
+from typer.testing import CliRunner
+
+from distac.cli import app
+from distac.errors import DistacError
+
+runner = CliRunner()
+
+
+def _ok(args: list[str]) -> str:
+    result = runner.invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _fails(args: list[str], *needles: str) -> str:
+    """The command fails as the CLI's users see it: a DistacError (one red line, exit 2) or a usage
+    error (exit 2), whose message holds every needle."""
+    result = runner.invoke(app, args)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        assert isinstance(result.exception, DistacError), repr(result.exception)
+        message = str(result.exception)
+    else:
+        assert result.exit_code == 2, result.output
+        message = " ".join(result.output.split())  # rich wraps usage errors over lines
+        message = message.replace("│", " ")
+        message = " ".join(message.split())
+    for needle in needles:
+        assert needle in message, message
+    return message
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path, data_root: Path) -> dict[str, Path]:
+    """Two sources from the tiny BERT (sst2, trec), one from a BERT of the same depth but wider (48, not
+    32), each a 1-step fine-tune."""
+    out = tmp_path_factory.mktemp("bad_input")
+    wide = out / "tiny_bert48"
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    BertModel(config, add_pooling_layer=False).save_pretrained(wide)
+    for name in ("vocab.txt", "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json"):
+        if (tiny_bert_dir / name).is_file():
+            shutil.copy(tiny_bert_dir / name, wide / name)
+    common = ["--steps", "1", "--batch-size", "8", "--train-examples", "16", "--max-length", "16"]
+    common += ["--device", "cpu", "--data-root", str(data_root)]
+    paths = {"sst2": out / "sst2", "trec": out / "trec", "wide": out / "wide_sst2"}
+    _ok(["finetune", "--task", "sst2", "--backbone", str(tiny_bert_dir), "-o", str(paths["sst2"]), *common])
+    _ok(["finetune", "--task", "trec", "--backbone", str(tiny_bert_dir), "-o", str(paths["trec"]), *common])
+    _ok(["finetune", "--task", "sst2", "--backbone", str(wide), "-o", str(paths["wide"]), *common])
+    return paths
+
+
+def _data(data_root: Path) -> list[str]:
+    return ["--device", "cpu", "--data-root", str(data_root)]
+
+
+def test_condition_and_finetune_refuse_to_write_over_their_input(
+    models: dict[str, Path], tiny_bert_dir: Path, tmp_path: Path, data_root: Path
+) -> None:
+    before = (models["sst2"] / "finetune.json").read_text()
+    _fails(
+        ["condition", str(models["sst2"]), "-o", str(models["sst2"]), "--steps", "1", *_data(data_root)],
+        "refusing to write the output over the input",
+    )
+    assert (models["sst2"] / "finetune.json").read_text() == before  # the source is untouched
+    backbone = tmp_path / "backbone"
+    shutil.copytree(tiny_bert_dir, backbone)
+    _fails(
+        ["finetune", "--task", "sst2", "--backbone", str(backbone), "-o", str(backbone), "--steps", "1"],
+        "refusing to write the output over the input",
+    )
+    assert (backbone / "config.json").is_file() and not (backbone / "distac_model.json").exists()
+
+
+def test_a_relative_backbone_is_stored_as_an_absolute_path(
+    tiny_bert_dir: Path, tmp_path: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Later commands rebuild theta_pre from the stored backbone, maybe from another directory."""
+    shutil.copytree(tiny_bert_dir, tmp_path / "bb")
+    monkeypatch.chdir(tmp_path)
+    _ok(["finetune", "--task", "sst2", "--backbone", "bb", "-o", "m", "--steps", "1", "--batch-size", "8",
+         "--train-examples", "16", "--max-length", "16", *_data(data_root)])  # fmt: skip
+    spec = json.loads((tmp_path / "m" / "distac_model.json").read_text())
+    assert spec["backbone"] == str((tmp_path / "bb").resolve())
+
+
+def test_a_backbone_that_cannot_be_found_is_a_clear_error(
+    models: dict[str, Path], tmp_path: Path, data_root: Path
+) -> None:
+    moved = tmp_path / "moved"
+    shutil.copytree(models["sst2"], moved)
+    spec = json.loads((moved / "distac_model.json").read_text())
+    spec["backbone"] = "no/such/backbone"  # e.g. a relative path written by an older version
+    (moved / "distac_model.json").write_text(json.dumps(spec))
+    _fails(["diagnose", str(moved), "--examples", "8", *_data(data_root)],
+           "'no/such/backbone'", "cannot load the backbone")  # fmt: skip
+    _fails(["finetune", "--task", "sst2", "--backbone", str(tmp_path / "nowhere"), "-o", str(tmp_path / "o"),
+            "--steps", "1"], "nowhere", "cannot load the backbone")  # fmt: skip
+
+
+def test_a_task_name_means_the_task_even_beside_a_folder_of_that_name(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from distac.data import load_task
+
+    (tmp_path / "sst2").mkdir()  # e.g. the output of `distac finetune --task sst2 -o sst2`
+    (tmp_path / "sst2" / "model.safetensors").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    task = load_task("sst2", data_root)
+    assert task.name == "sst2" and task.num_classes == 2 and len(task.train) > 100
+
+
+def test_a_head_that_does_not_fit_the_task_is_refused(models: dict[str, Path], tmp_path: Path, data_root: Path) -> None:
+    _fails(
+        ["condition", str(models["sst2"]), "--task", "trec", "-o", str(tmp_path / "c"), "--steps", "1",
+         *_data(data_root)],
+        "6 classes", str(models["sst2"]), "has 2",
+    )  # fmt: skip
+    mislabeled = tmp_path / "mislabeled"
+    shutil.copytree(models["trec"], mislabeled)
+    spec = json.loads((mislabeled / "distac_model.json").read_text())
+    spec.update(task="sst2", class_names=None)  # a 6-class head that claims to be an sst2 model
+    (mislabeled / "distac_model.json").write_text(json.dumps(spec))
+    _fails(["diagnose", str(models["sst2"]), str(mislabeled), "--examples", "8", *_data(data_root)],
+           "2 classes", str(mislabeled))  # fmt: skip
+    assert not (tmp_path / "c").exists()
+
+
+def test_sources_of_different_architectures_are_named(models: dict[str, Path], tmp_path: Path, data_root: Path) -> None:
+    _fails(["diagnose", str(models["sst2"]), str(models["wide"]), "--examples", "8", *_data(data_root)],
+           str(models["wide"]), "tiny_bert48")  # fmt: skip
+    _fails(["merge", str(models["sst2"]), str(models["trec"]), "-m", "ties", "-o", str(tmp_path / "x"),
+            "--pretrained", str(models["wide"]), *_data(data_root)], "(--pretrained)", "has shape")  # fmt: skip
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_plain_pretrained_checkpoint_for_distac_sources_gets_a_hint(
+    models: dict[str, Path], tiny_bert_dir: Path, tmp_path: Path, data_root: Path
+) -> None:
+    _fails(
+        ["merge", str(models["sst2"]), str(models["trec"]), "-m", "task_arithmetic", "-o", str(tmp_path / "x"),
+         "--pretrained", str(tiny_bert_dir), *_data(data_root)],
+        "(--pretrained): lacks", "'backbone.' prefix", "omit --pretrained",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("grid", "needle"),
+    [("0:nan:0.5", "finite"), ("0:inf:0.5", "finite"), ("0:1:1e-9", "points; at most 1000")],
+)
+def test_a_grid_that_cannot_be_searched_is_refused(
+    models: dict[str, Path], tmp_path: Path, data_root: Path, grid: str, needle: str
+) -> None:
+    _fails(["merge", str(models["sst2"]), str(models["trec"]), "-m", "task_arithmetic", "--search", "--grid", grid,
+            "-o", str(tmp_path / "x"), *_data(data_root)], needle)  # fmt: skip
+
+
+def test_nonsense_counts_and_devices_are_refused(models: dict[str, Path], tmp_path: Path, data_root: Path) -> None:
+    sources = [str(models["sst2"]), str(models["trec"])]
+    _fails(["evaluate", sources[0], "--examples", "0", *_data(data_root)], "at least 1")
+    _fails(["diagnose", *sources, "--examples", "-5", *_data(data_root)], "--examples must be at least 1")
+    _fails(["merge", *sources, "-m", "ties", "--search", "--validation-examples", "-3", "-o", str(tmp_path / "x"),
+            *_data(data_root)], "--validation-examples must be at least 1")  # fmt: skip
+    _fails(["merge", *sources, "-m", "ties", "--max-shard-size", "0", "-o", str(tmp_path / "x")], "positive size")
+    _fails(["finetune", "--task", "sst2", "-o", str(tmp_path / "f"), "--train-examples", "0"], "--train-examples")
+    _fails(["evaluate", *sources, "--individual", sources[0], *_data(data_root)], "got 1 for 2")
+    _fails(
+        ["evaluate", sources[0], "--device", "bogus", "--data-root", str(data_root)], "'bogus' is not a torch device"
+    )
+    import torch
+
+    if not torch.cuda.is_available():
+        _fails(["evaluate", sources[0], "--device", "cuda", "--data-root", str(data_root)], "0 CUDA device(s)")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "f").exists()
+
+
+def test_outputs_never_replace_a_file_and_failed_evaluations_leave_nothing(
+    models: dict[str, Path], tmp_path: Path, data_root: Path
+) -> None:
+    sources = [str(models["sst2"]), str(models["trec"])]
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    _fails(["merge", *sources, "-m", "ties", "-o", str(afile), *_data(data_root)], "exists and is a file")
+    _fails(["merge", *sources, "-m", "ties", "-o", str(afile / "sub"), *_data(data_root)], "is a file, not a directory")
+    _fails(["diagnose", *sources, "-o", str(afile), *_data(data_root)], "exists and is a file")
+    _fails(["task-vector", str(models["sst2"]), str(models["trec"]), "--json", str(tmp_path)], "is a directory")
+    assert afile.read_text() == "keep me" and not list(tmp_path.glob(".afile*"))
+    broken = tmp_path / "broken"
+    shutil.copytree(models["trec"], broken)
+    spec = json.loads((broken / "distac_model.json").read_text())
+    spec.update(task="sst2", class_names=None)
+    (broken / "distac_model.json").write_text(json.dumps(spec))
+    report = tmp_path / "report"
+    _fails(["evaluate", sources[0], str(broken), "--examples", "8", "-o", str(report), *_data(data_root)],
+           str(broken))  # fmt: skip
+    assert not report.exists() or not any(report.iterdir())  # no plot of the first model is left behind
+
+
+def test_merge_names_duplicate_sources_and_shared_folder_names(
+    models: dict[str, Path], tmp_path: Path, data_root: Path
+) -> None:
+    _fails(["merge", str(models["sst2"]), str(models["sst2"]), "-m", "ties", "-o", str(tmp_path / "x")],
+           "given more than once")  # fmt: skip
+    other = tmp_path / "elsewhere" / "sst2"
+    shutil.copytree(models["trec"], other)
+    _fails(["merge", str(models["sst2"]), str(other), "-m", "ties", "-o", str(tmp_path / "x")],
+           "share the folder name", "--name")  # fmt: skip
