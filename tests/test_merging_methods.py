@@ -141,12 +141,15 @@ def test_consensus_counts_votes_k1_vs_kT() -> None:
     assert k2.info["kept_fraction"] == pytest.approx(0.6)
 
 
-def test_consensus_k0_is_task_arithmetic_and_k_above_T_is_zero() -> None:
+def test_consensus_k0_is_task_arithmetic_and_k_above_T_is_zero(caplog: pytest.LogCaptureFixture) -> None:
     generator = torch.Generator().manual_seed(3)
     tvs = [{"w": torch.randn(4, 5, generator=generator)} for _ in range(3)]
     ta = get_method("task_arithmetic").merge(tvs).task_vector["w"]
     assert torch.equal(get_method("consensus_ta", k=0).merge(tvs).task_vector["w"], ta)
-    assert not get_method("consensus_ta", k=4).merge(tvs).task_vector["w"].any()
+    assert "exceeds" not in caplog.text
+    with caplog.at_level("WARNING", logger="distac.merging"):
+        assert not get_method("consensus_ta", k=4).merge(tvs).task_vector["w"].any()
+    assert "k=4 exceeds the 3 source(s)" in caplog.text  # a silent pretrained model would look like a merge
 
 
 def test_tall_and_consensus_on_ties_use_ties_dis_sum() -> None:

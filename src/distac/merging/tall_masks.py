@@ -36,6 +36,7 @@ dicts, as the :class:`~distac.merging.base.MergeResult` contract requires.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -53,6 +54,8 @@ from distac.merging.base import (
 )
 from distac.merging.task_arithmetic import sum_key
 from distac.merging.ties import ties_merge
+
+log = logging.getLogger("distac.merging")
 
 #: The per-task lambda grid of the TALL-masks paper and code.
 TALL_LAMBDA_GRID: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6)
@@ -177,6 +180,13 @@ class ConsensusTA(_TallBase):
         self._set_hyperparameters(k=self.k)
 
     def _merge(self, inputs: MergeInputs) -> MergeResult:
+        if self.k > inputs.num_tasks:
+            log.warning(
+                "consensus_ta: k=%d exceeds the %d source(s), so no weight reaches consensus and the merge is the "
+                "pretrained model; lower k or merge more sources",
+                self.k,
+                inputs.num_tasks,
+            )
         lambdas = self._lambdas(inputs.task_names)
         mtl_for, diagnostics = self._multitask_vector(inputs)
         merged: StateDict = {}
