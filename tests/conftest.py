@@ -31,25 +31,28 @@ def minilm_path() -> str:
     return resolve_named_backbone("all-MiniLM-L6-v2")
 
 
-@pytest.fixture(scope="session")
-def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -> Path:
-    """A 2-layer random BERT with MiniLM's real tokenizer, saved with save_pretrained (unit tests only)."""
+def save_tiny_bert(out: Path, tokenizer: str | Path, hidden_size: int = 32) -> Path:
+    """A 2-layer random BERT with a real tokenizer, saved with save_pretrained into ``out`` (unit tests only)."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=30522,
-        hidden_size=32,
+        hidden_size=hidden_size,
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=128,
     )
-    model = BertModel(config, add_pooling_layer=False)
-    out = tmp_path_factory.mktemp("tiny_bert")
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(minilm_path).save_pretrained(out)
+    BertModel(config, add_pooling_layer=False).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -> Path:
+    """A 2-layer random BERT (hidden size 32) with MiniLM's real tokenizer."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), minilm_path)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from transformers import BertConfig, BertModel
+from conftest import save_tiny_bert
 from typer.testing import CliRunner
 
 from distac.cli import app
@@ -47,19 +47,7 @@ def models(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path, data_r
     """Two sources from the tiny BERT (sst2, trec), one from a BERT of the same depth but wider (48, not
     32), each a 1-step fine-tune."""
     out = tmp_path_factory.mktemp("bad_input")
-    wide = out / "tiny_bert48"
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    BertModel(config, add_pooling_layer=False).save_pretrained(wide)
-    for name in ("vocab.txt", "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json"):
-        if (tiny_bert_dir / name).is_file():
-            shutil.copy(tiny_bert_dir / name, wide / name)
+    wide = save_tiny_bert(out / "tiny_bert48", tiny_bert_dir, hidden_size=48)
     common = ["--steps", "1", "--batch-size", "8", "--train-examples", "16", "--max-length", "16"]
     common += ["--device", "cpu", "--data-root", str(data_root)]
     paths = {"sst2": out / "sst2", "trec": out / "trec", "wide": out / "wide_sst2"}

@@ -47,13 +47,13 @@ def register(app: typer.Typer) -> None:
         from distac.data import load_task
         from distac.distributed import is_main_process
         from distac.models import build_model, load_model, save_model
-        from distac.models.registry import check_same_backbone
+        from distac.models.registry import backbone_state, check_same_backbone
         from distac.task_vectors import TaskVector
 
         check_output_path(output, [source, *others])  # the output directory replaces whatever is there
         teacher = load_model(source)
         selector = teacher.task_vector_selector()
-        pretrained = {k: v for k, v in build_model(teacher.spec).state_dict().items() if selector(k, v)}
+        pretrained = backbone_state(build_model(teacher.spec))
         if kappa == "auto":
             if not others:
                 raise typer.BadParameter("--kappa auto needs --others")

@@ -31,19 +31,17 @@ def register(app: typer.Typer) -> None:
         from distac.conditioning.diagnose import SourceModel, diagnose
         from distac.data import load_task
         from distac.models import build_model, load_model
-        from distac.models.registry import check_same_backbone
+        from distac.models.registry import backbone_state, check_same_backbone
 
         if output is not None:
             from distac.checkpoints import check_output_path
 
             check_output_path(output)
-        if examples is not None and examples < 1:
+        if examples < 1:
             raise typer.BadParameter(f"--examples must be at least 1, got {examples}")
         models = [load_model(p) for p in sources]
         check_same_backbone({str(p): m for p, m in zip(sources, models, strict=True)})
-        first = models[0]
-        selector = first.task_vector_selector()
-        pretrained = {k: v for k, v in build_model(first.spec).state_dict().items() if selector(k, v)}
+        pretrained = backbone_state(build_model(models[0].spec))
         items = [
             SourceModel(p.name, m, load_task(m.spec.task or p.name, data_root))
             for p, m in zip(sources, models, strict=True)

@@ -21,10 +21,8 @@ from distac.models.inference import predict_logits
 def model_logits(
     model: ClassifierModel, task: TaskData, split: str, examples: int | None, device: str, model_source: object = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if examples is not None and examples < 1:
-        raise ConfigError(f"examples must be at least 1 (or unset for all), got {examples}")
     model.check_task(task, model_source=model_source)
-    data = task.split(split).subsample(examples, seed=17) if examples else task.split(split)
+    data = task.split(split).subsample(examples, seed=17)  # None: all; fewer than 1 is a DataError there
     model.check_labels(data.labels, f"{task.source or task.name} ({split})")
     return predict_logits(model, data.inputs, device=device), torch.as_tensor(data.labels)
 

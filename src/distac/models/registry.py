@@ -17,6 +17,7 @@ from distac.atomic import atomic_directory, atomic_write_json
 from distac.checkpoints import load_state_dict, write_weights
 from distac.errors import CheckpointError, ConfigError
 from distac.models.base import SPEC_FILE, ClassifierModel, ModelSpec
+from distac.task_vectors import check_compatible
 
 ARCHITECTURE_DIR = "architecture"
 #: Model families :func:`build_model` knows (``ModelSpec.family``).
@@ -122,15 +123,10 @@ def load_weights_strict(model: ClassifierModel, state: dict[str, torch.Tensor], 
     model.load_state_dict(state, strict=True)
 
 
-def _backbone_identity(backbone: str) -> str:
-    """A backbone's identity for comparison: local paths resolved, names as they are."""
-    return resolve_backbone(backbone)
-
-
-def backbone_shapes(model: ClassifierModel) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the tensors a task vector covers (the shared backbone)."""
+def backbone_state(model: ClassifierModel) -> dict[str, torch.Tensor]:
+    """The tensors a task vector covers (the shared backbone), by name."""
     selector = model.task_vector_selector()
-    return {k: tuple(v.shape) for k, v in model.state_dict().items() if selector(k, v)}
+    return {k: v for k, v in model.state_dict().items() if selector(k, v)}
 
 
 def check_same_backbone(models: Mapping[str, ClassifierModel]) -> None:
@@ -141,9 +137,9 @@ def check_same_backbone(models: Mapping[str, ClassifierModel]) -> None:
     if not items:
         return
     first_name, first = items[0]
-    first_shapes = backbone_shapes(first)
+    reference = backbone_state(first)
     for name, model in items[1:]:
-        if model.spec.family != first.spec.family or _backbone_identity(model.spec.backbone) != _backbone_identity(
+        if model.spec.family != first.spec.family or resolve_backbone(model.spec.backbone) != resolve_backbone(
             first.spec.backbone
         ):
             raise CheckpointError(
@@ -151,33 +147,21 @@ def check_same_backbone(models: Mapping[str, ClassifierModel]) -> None:
                 f"{first.spec.family} backbone {first.spec.backbone!r}: task vectors of different pretrained models "
                 "cannot be merged or compared"
             )
-        describe_shape_mismatch(backbone_shapes(model), first_shapes, f"{name}", f"{first_name}")
-
-
-def describe_shape_mismatch(
-    shapes: Mapping[str, tuple[int, ...]], reference: Mapping[str, tuple[int, ...]], source: str, reference_source: str
-) -> None:
-    """Raise naming ``source`` when its tensors are not ``reference``'s (missing, extra, other shapes)."""
-    missing = [k for k in reference if k not in shapes]
-    extra = [k for k in shapes if k not in reference]
-    if missing or extra:
-        raise CheckpointError(
-            f"{source}: its backbone tensors are not those of {reference_source}: {len(missing)} missing "
-            f"(e.g. {missing[:3]}), {len(extra)} unexpected (e.g. {extra[:3]})"
-        )
-    for key, shape in reference.items():
-        if shapes[key] != shape:
+        state = backbone_state(model)
+        extra = [k for k in state if k not in reference]
+        if extra:
             raise CheckpointError(
-                f"{source}: {key!r} has shape {shapes[key]} but {shape} in {reference_source}: "
-                "not the same architecture"
+                f"{name}: has {len(extra)} backbone tensors that {first_name} lacks, e.g. {extra[:3]} "
+                "(different architecture?)"
             )
+        check_compatible(reference, state, reference, first_name, name)
 
 
 def check_pretrained_fits(pretrained: Mapping[str, torch.Tensor], model: ClassifierModel, source: object) -> None:
     """theta_pre given as a checkpoint must hold every backbone tensor of the sources, in their shapes
     (its other tensors, e.g. a head, are ignored)."""
-    wanted = backbone_shapes(model)
-    missing = [k for k in wanted if k not in pretrained]
+    reference = backbone_state(model)
+    missing = [k for k in reference if k not in pretrained]
     if missing:
         hint = ""
         if any(k.split(".", 1)[-1] in pretrained for k in missing):
@@ -187,12 +171,7 @@ def check_pretrained_fits(pretrained: Mapping[str, torch.Tensor], model: Classif
                 "sources' spec"
             )
         raise CheckpointError(
-            f"{source} (--pretrained): lacks {len(missing)} of the sources' {len(wanted)} backbone tensors "
+            f"{source} (--pretrained): lacks {len(missing)} of the sources' {len(reference)} backbone tensors "
             f"(e.g. {missing[:3]}){hint}"
         )
-    for key, shape in wanted.items():
-        if tuple(pretrained[key].shape) != shape:
-            raise CheckpointError(
-                f"{source} (--pretrained): {key!r} has shape {tuple(pretrained[key].shape)}, the sources' {shape}: "
-                "not the pretrained model of these sources"
-            )
+    check_compatible(reference, pretrained, reference, "the sources", f"{source} (--pretrained)")
