@@ -213,6 +213,45 @@ def test_mismatched_keys_fail_naming_file_and_key(bert_sources, tmp_path: Path) 
     assert not (tmp_path / "out").exists()
 
 
+def test_sources_follow_the_in_memory_key_rule(bert_sources, tmp_path: Path) -> None:
+    """Heads and buffers are not merged: a source may add a head the pretrained checkpoint lacks, or
+    lack a non-merged buffer, and the streaming merge still equals the in-memory one; a merged key the
+    pretrained checkpoint lacks is refused by both."""
+    pre_dir, sources = bert_sources
+
+    def add_buffer(state):  # older transformers saved this integer buffer; newer ones do not
+        state["embeddings.position_ids"] = torch.arange(48).unsqueeze(0)
+
+    pre_dir = _copy_with(pre_dir, tmp_path / "pre_with_buffer", add_buffer)
+
+    def add_head_drop_buffer(state):
+        state["classifier.weight"] = torch.randn(5, 32)
+        state["classifier.bias"] = torch.zeros(5)
+
+    headed = _copy_with(sources[0], tmp_path / "headed", add_head_drop_buffer)
+    inputs = [headed, sources[1]]
+    streaming_merge(pre_dir, inputs, method="ties", coefficient=0.5, output=tmp_path / "out", max_shard_bytes=40_000)
+    expected, _ = _in_memory(pre_dir, inputs, "ties", 0.5)
+    _assert_same(load_state_dict(tmp_path / "out"), expected)
+
+    def poison_head(state):
+        state["classifier.weight"] = torch.full((5, 32), float("nan"))
+
+    poisoned = _copy_with(sources[0], tmp_path / "poisoned_head", poison_head)
+    with pytest.raises(CheckpointError, match=r"poisoned_head/.*'classifier\.weight' contains 160 NaN/Inf"):
+        streaming_merge(pre_dir, [poisoned, sources[1]], method="task_arithmetic", output=tmp_path / "out2")
+
+    def add_layer(state):
+        state["encoder.layer.2.output.dense.weight"] = torch.zeros(32, 64)
+
+    deeper = _copy_with(sources[0], tmp_path / "deeper", add_layer)
+    with pytest.raises(CheckpointError, match=r"deeper: unexpected tensor 'encoder\.layer\.2\.output\.dense\.weight'"):
+        streaming_merge(pre_dir, [deeper, sources[1]], method="task_arithmetic", output=tmp_path / "out3")
+    with pytest.raises(CheckpointError, match=r"has 1 parameters that pretrained lacks"):
+        _in_memory(pre_dir, [deeper, sources[1]], "task_arithmetic", 0.5)
+    assert not (tmp_path / "out2").exists() and not (tmp_path / "out3").exists()
+
+
 def test_nan_fails_naming_file_and_key_and_writes_nothing(bert_sources, tmp_path: Path) -> None:
     pre_dir, sources = bert_sources
 

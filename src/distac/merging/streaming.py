@@ -43,11 +43,14 @@ Methods:
   ``use_ties=True`` (needs the full TIES vector first) raise :class:`MergeConfigError`: use the
   in-memory path.
 
-Validation happens on the headers before any tensor is read: every source has exactly the keys of
-the pretrained checkpoint, the same shape for every merged key (errors name the file and key).
-Parameters not selected for the task vectors (heads, BatchNorm statistics; see
-:class:`~distac.task_vectors.ParameterSelector`) are copied from the pretrained checkpoint and may
-differ in shape between sources. Every tensor read is checked for NaN/Inf (error names the file and
+Validation happens on the headers before any tensor is read, by the in-memory rule
+(:meth:`~distac.task_vectors.TaskVector.from_state_dicts`): every source has every merged key of
+the pretrained checkpoint, with its shape and a floating-point dtype, and no merged key the
+pretrained checkpoint lacks (errors name the file and key). Parameters not selected for the task
+vectors (heads, BatchNorm statistics, integer buffers; see
+:class:`~distac.task_vectors.ParameterSelector`) are copied from the pretrained checkpoint: a
+source may lack them, have them in another shape, or have ones the pretrained checkpoint lacks
+(a classification head on a base-model checkpoint). Every tensor read is checked for NaN/Inf (error names the file and
 key); as the output only appears at the final rename, a failure at any point leaves nothing behind.
 """
 
@@ -126,12 +129,25 @@ class _Source:
                     "tensor by tensor); convert it or merge without --streaming"
                 )
             self.adapter, self.reader = None, opened
+        self._shapes: dict[str, tuple[tuple[int, ...], str]] | None = None
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        return self.adapter.shapes() if self.adapter is not None else self.reader.shapes()  # type: ignore[union-attr]
+        """Shape and dtype per key, from the headers (read once)."""
+        if self._shapes is None:
+            self._shapes = self.adapter.shapes() if self.adapter is not None else self.reader.shapes()  # type: ignore[union-attr]
+        return self._shapes
 
     def file_of(self, key: str) -> Path:
         return self.adapter.file_of(key) if self.adapter is not None else self.reader.files[key]  # type: ignore[union-attr]
+
+    def has(self, key: str) -> bool:
+        return key in self.shapes()
+
+    def extra_tensor(self, key: str) -> torch.Tensor:
+        """A tensor the pretrained checkpoint lacks (a task head, a buffer): read as stored."""
+        if self.reader is None:
+            raise CheckpointError(f"{self.path}: adapter tensor {key!r} has no pretrained counterpart")
+        return self.reader.get(key)
 
     def tensor(self, key: str, pretrained: torch.Tensor) -> torch.Tensor:
         if self.adapter is not None:
@@ -162,6 +178,7 @@ class _Plan:
     keys: list[str]
     selected: list[str]
     meta: dict[str, torch.Tensor]  # meta-device tensors: shape and dtype of each pretrained key
+    source_extras: list[list[str]]  # per source: its keys the pretrained checkpoint lacks (heads, buffers)
 
     def numel(self, keys: Sequence[str]) -> int:
         return sum(self.meta[k].numel() for k in keys)
@@ -182,20 +199,26 @@ def _validate(pretrained: CheckpointReader, sources: Sequence[_Source], selector
             f"{pretrained.path}: no parameters selected for the task vectors (check --include/--exclude)"
         )
     key_set = set(keys)
+    extras: list[list[str]] = []
     for source in sources:
         shapes = source.shapes()
-        missing = [k for k in keys if k not in shapes]
+        missing = [k for k in selected if k not in shapes]
         if missing:
             raise CheckpointError(
                 f"{source.path}: missing tensor {missing[0]!r} that the pretrained checkpoint {pretrained.path} has "
                 f"({len(missing)} missing; different architecture?)"
             )
         extra = [k for k in shapes if k not in key_set]
-        if extra:
+        merged_extra = [
+            k for k in extra if selector(k, torch.empty(0, dtype=_torch_dtype(shapes[k][1], source.file_of(k), k)))
+        ]
+        if merged_extra:
             raise CheckpointError(
-                f"{source.path}: unexpected tensor {extra[0]!r} ({source.file_of(extra[0]).name}) that the pretrained "
-                f"checkpoint {pretrained.path} does not have ({len(extra)} unexpected; different architecture?)"
+                f"{source.path}: unexpected tensor {merged_extra[0]!r} ({source.file_of(merged_extra[0]).name}) that "
+                f"the pretrained checkpoint {pretrained.path} does not have ({len(merged_extra)} unexpected; different "
+                "architecture? exclude them with --exclude if they are task heads)"
             )
+        extras.append(extra)  # task heads and buffers the output does not keep; still checked for NaN/Inf
         for key in selected:
             shape, dtype = shapes[key]
             if tuple(shape) != tuple(meta[key].shape):
@@ -208,7 +231,7 @@ def _validate(pretrained: CheckpointReader, sources: Sequence[_Source], selector
                     f"{source.file_of(key)}: tensor {key!r} has dtype {dtype}, but it is a floating-point parameter "
                     f"({meta[key].dtype}) in {pretrained.files[key]}"
                 )
-    return _Plan(keys=keys, selected=selected, meta=meta)
+    return _Plan(keys=keys, selected=selected, meta=meta, source_extras=extras)
 
 
 # ------------------------------------------------------------------------------------------ writer
@@ -539,6 +562,9 @@ def streaming_merge(
     plan = _validate(pre_reader, sources, selector)
     selected = set(plan.selected)
     rss_start = peak_rss_bytes()
+    for source, extra in zip(sources, plan.source_extras, strict=True):
+        for key in extra:  # not merged (the output has the pretrained keys), but corrupt is still an error
+            _check_finite(source.extra_tensor(key), source.file_of(key), key)
 
     def read(key: str, check: bool) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """theta_pre[key] and, for selected keys, the T task-vector tensors of key (float32)."""
@@ -548,7 +574,8 @@ def streaming_merge(
         if key not in selected:
             if check:  # unused here, but a corrupt source is still an error, as in the in-memory path
                 for source in sources:
-                    _check_finite(source.tensor(key, pre), source.file_of(key), key)
+                    if source.has(key):
+                        _check_finite(source.tensor(key, pre), source.file_of(key), key)
             return pre, None
         taus = []
         pre_float = pre.float()
