@@ -216,9 +216,10 @@ def test_killed_condition_resumes_to_the_same_weights(
     assert histories[1][-1]["kl"] == pytest.approx(histories[0][-1]["kl"], rel=1e-5)
 
 
-@pytest.mark.parametrize("loss", ["ce", "mixup"])
+@pytest.mark.parametrize(("loss", "head"), [("ce", "train"), ("mixup", "train"), ("ce", "frozen_probe")])
 def test_interrupted_finetune_resumes_to_the_same_weights(
     loss: str,
+    head: str,
     tiny_bert_dir: Path,
     data_root: Path,
     tmp_path: Path,
@@ -235,7 +236,7 @@ def test_interrupted_finetune_resumes_to_the_same_weights(
     )  # fmt: skip
     config = dict(
         steps=8, lr=1e-3, batch_size=16, eval_every=4, eval_examples=16, checkpoint_every=3, loss={"kind": loss},
-        device="cpu",
+        device="cpu", head=head,
     )  # fmt: skip
     straight_model = build_model(spec)
     start = {k: v.clone() for k, v in straight_model.state_dict().items()}
@@ -267,7 +268,7 @@ def test_interrupted_finetune_resumes_to_the_same_weights(
 
     a, b = straight_model.state_dict(), resumed_model.state_dict()
     diff = _max_diff(a, b)
-    print(f"finetune ({loss}) interrupted after step 3, resumed: max abs diff {diff:.3g}")
+    print(f"finetune ({loss}, head {head}) interrupted after step 3, resumed: max abs diff {diff:.3g}")
     assert diff <= 1e-6
     assert _max_diff(a, start) > 1e-4, "the run did not move the weights"
     assert resumed.losses == pytest.approx(straight.losses, abs=1e-7) and len(resumed.losses) == 8

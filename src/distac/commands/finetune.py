@@ -30,13 +30,20 @@ def register(app: typer.Typer) -> None:
         image_size: int | None = typer.Option(None, help="Resize images to this size (default: the backbone's)."),
         train_examples: int | None = typer.Option(None, help="Use at most this many training examples."),
         seed: int | None = typer.Option(None, help="Random seed."),
+        head: str | None = typer.Option(
+            None,
+            help="train (default): head and backbone train together; probe: fit the head as a linear probe on "
+            "the pretrained features first (LP-FT); frozen_probe: fit it, then freeze it and train the backbone "
+            "only (the paper's CLIP set-up for models without a zero-shot head).",
+        ),
         work_dir: Path | None = typer.Option(None, help="Checkpoint directory for resume (default <output>.work)."),
         device: str = DEVICE_OPTION,
         config: Path | None = CONFIG_OPTION,
         overrides: list[str] = SET_OPTION,
         data_root: Path | None = DATA_ROOT_OPTION,
     ) -> None:
-        """Fine-tune backbone + task head (CLIP: image encoder only) with AdamW and a cosine schedule.
+        """Fine-tune backbone + task head (CLIP: image encoder only) with AdamW and a cosine schedule
+        (--head frozen_probe: backbone only, under a linear-probe head).
 
         Resumable: the state is saved in --work-dir every `checkpoint_every` steps (`--set
         checkpoint_every=N`, default 100) and a rerun of the same command continues from it.
@@ -64,7 +71,7 @@ def register(app: typer.Typer) -> None:
         for key, value in {"kind": loss, "alpha": alpha, "gamma": gamma}.items():
             if value is not None:
                 loss_values[key] = value
-        for key, value in {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed}.items():
+        for key, value in {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "head": head}.items():
             if value is not None:
                 values[key] = value
         values["device"] = device

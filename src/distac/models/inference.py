@@ -52,7 +52,6 @@ def batches(raw: Sequence[Any] | np.ndarray, batch_size: int) -> Iterator[tuple[
         yield start, raw[start : start + batch_size]
 
 
-@torch.no_grad()
 def predict_logits(
     model: ClassifierModel,
     raw: Sequence[Any] | np.ndarray,
@@ -62,6 +61,29 @@ def predict_logits(
     autocast: bool = False,
 ) -> torch.Tensor:
     """Logits for all ``raw`` inputs, float32 on the CPU, in input order; the model is left in eval mode."""
+    return _predict(model, model, raw, batch_size, device, autocast)
+
+
+def predict_features(
+    model: ClassifierModel,
+    raw: Sequence[Any] | np.ndarray,
+    *,
+    batch_size: int = 128,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The pooled features the head classifies, float32 on the CPU, in input order (eval mode)."""
+    return _predict(model, model.features, raw, batch_size, device, False)
+
+
+@torch.no_grad()
+def _predict(
+    model: ClassifierModel,
+    forward: Any,
+    raw: Sequence[Any] | np.ndarray,
+    batch_size: int,
+    device: torch.device | str | None,
+    autocast: bool,
+) -> torch.Tensor:
     device = pick_device(str(device) if device is not None else None)
     autocast = bf16_autocast(autocast, device)
     model.eval().to(device)
@@ -69,7 +91,7 @@ def predict_logits(
     for _, chunk in batches(raw, batch_size):
         inputs: Inputs = move_inputs(model.encode(chunk), device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            outputs.append(model(inputs).float().cpu())
+            outputs.append(forward(inputs).float().cpu())
     if not outputs:
         raise ValueError("no inputs to predict")
     return torch.cat(outputs)

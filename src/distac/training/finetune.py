@@ -4,7 +4,10 @@ AdamW (weight decay 0.1) with a cosine schedule and linear warm-up, as in the pa
 that create harmful sources: a 10x learning rate (long task vector), and the losses of
 :mod:`distac.training.losses` (label smoothing, mixup, focal loss: low confidence).
 For CLIP only the image encoder trains (its zero-shot head is frozen); for other models the
-backbone and the task head train together.
+backbone and the task head train together (``head: train``), or the head is first fitted as a
+linear probe on the pretrained features and then trains too (``head: probe``, LP-FT) or stays frozen
+(``head: frozen_probe``, the CLIP set-up for models without a zero-shot head; see
+:mod:`distac.training.probe`).
 
 Given a ``work_dir``, the loop saves its state there every ``checkpoint_every`` steps (model,
 optimizer, schedule, data order, random generators, losses): an interrupted run resumes from it and
@@ -25,7 +28,13 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
-from distac.config import build_dataclass, check_device_option, check_option, check_type_option
+from distac.config import (
+    build_dataclass,
+    check_choice_option,
+    check_device_option,
+    check_option,
+    check_type_option,
+)
 from distac.data import TaskData
 from distac.distributed import Runtime, runtime
 from distac.models.base import ClassifierModel, move_inputs
@@ -42,6 +51,7 @@ from distac.resume import (
     save_state,
 )
 from distac.training.losses import LossConfig, build_loss, cross_entropy, mixup_pairs
+from distac.training.probe import ProbeResult, fit_linear_probe, linear_head
 
 log = logging.getLogger("distac.training")
 
@@ -49,6 +59,8 @@ STATE_FILE = "finetune_state.pt"
 SHARDED_STATE_DIR = "finetune_state_fsdp"  # FSDP runs: accelerate's sharded checkpoint
 # options a resumed run may change: they do not change the weights it ends with
 _RESUME_FREE_OPTIONS = ("device", "checkpoint_every")
+#: How the task head is treated: trained with the backbone; probed first, then trained; probed, then frozen.
+HEAD_MODES = ("train", "probe", "frozen_probe")
 
 
 @dataclass
@@ -68,6 +80,9 @@ class FinetuneConfig:
     eval_every: int | None = None
     eval_examples: int = 200
     checkpoint_every: int | None = 100  # with a work_dir: save the resume state every N steps (0/None: never)
+    head: str = "train"  # train | probe (LP-FT) | frozen_probe (probe, then only the backbone trains)
+    probe_iterations: int = 100  # L-BFGS iterations of the linear probe (head: probe / frozen_probe)
+    probe_l2: float | None = None  # its L2 strength; None: the best of PROBE_L2_GRID on validation
 
     def __post_init__(self) -> None:
         if isinstance(self.loss, dict):
@@ -89,6 +104,9 @@ class FinetuneConfig:
         check_option(f, "checkpoint_every", self.checkpoint_every, low=0, integer=True, optional=True)
         check_type_option(f, "mixed_precision", self.mixed_precision, bool)
         check_device_option(f, "device", self.device)
+        check_choice_option(f, "head", self.head, HEAD_MODES)
+        check_option(f, "probe_iterations", self.probe_iterations, low=1, integer=True)
+        check_option(f, "probe_l2", self.probe_l2, low=0.0, optional=True)
 
 
 @dataclass
@@ -97,6 +115,7 @@ class FinetuneResult:
     evaluations: list[dict[str, float]]
     seconds: float
     steps: int
+    probe: ProbeResult | None = None  # the linear probe fitted first (head: probe / frozen_probe)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -105,6 +124,7 @@ class FinetuneResult:
             "evaluations": self.evaluations,
             "seconds": self.seconds,
             "steps": self.steps,
+            **({"probe": self.probe.to_json()} if self.probe is not None else {}),
         }
 
 
@@ -183,11 +203,32 @@ def finetune(
         task.train.subsample(config.max_train_examples, seed=config.seed) if config.max_train_examples else task.train
     )
     model.check_labels(train.labels, task.source or task.name)
+    source = task.source or task.name
+    probe = None
+    if config.head != "train":  # deterministic: a resumed run fits the same head, then loads its state
+        linear_head(model, source)
+        probe = fit_linear_probe(
+            model,
+            train,
+            task.validation,
+            iterations=config.probe_iterations,
+            l2=config.probe_l2,
+            device=device,
+            source=source,
+        )
     if not rt.sharded:
         model.to(device)
+    elif probe is not None:
+        model.to("cpu")  # FSDP shards the CPU copy below
     # FSDP shards modules in place: train a copy and gather the result into ``model`` at the end.
     net = _TrainForward(copy.deepcopy(model) if rt.sharded else model)
     params = net.model.trainable_parameters()
+    frozen_head = list(net.model.head.parameters()) if config.head == "frozen_probe" else []
+    if frozen_head:
+        ids = {id(p) for p in frozen_head}
+        params = [p for p in params if id(p) not in ids]
+        for parameter in frozen_head:  # no gradient, and DDP / FSDP do not wait for one
+            parameter.requires_grad_(False)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     warmup = config.warmup_steps if config.warmup_steps is not None else int(config.warmup_ratio * config.steps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, config.steps)
@@ -298,8 +339,10 @@ def finetune(
     rt.barrier()
     if state_file is not None and sharded_dir is not None and rt.is_main:
         clear_state(state_file, sharded_dir)
+    for parameter in list(model.head.parameters()) if frozen_head else []:
+        parameter.requires_grad_(True)  # the model leaves as it came; the head's values are the probe's
     model.eval()
-    return FinetuneResult(losses, evaluations, seconds_before + time.perf_counter() - start, config.steps)
+    return FinetuneResult(losses, evaluations, seconds_before + time.perf_counter() - start, config.steps, probe)
 
 
 def _resume_config(config: FinetuneConfig) -> dict[str, Any]:
