@@ -132,3 +132,28 @@ def test_zero_shot_heads_and_bad_options_are_refused(tiny_bert_dir: Path, sst2) 
     empty = Split(sst2.train.inputs[:0], sst2.train.labels[:0])
     with pytest.raises(Exception, match="no training examples"):
         fit_linear_probe(_model(tiny_bert_dir, sst2), empty, None, iterations=5, l2=0.1, device="cpu", source="x")
+
+
+def test_cli_finetune_head_option(tiny_bert_dir: Path, data_root: Path, tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from distac.cli import app
+    from distac.models import load_model
+
+    args = ["finetune", "--task", "sst2", "--backbone", str(tiny_bert_dir), "--data-root", str(data_root),
+            "--steps", "2", "--batch-size", "8", "--train-examples", "32", "--max-length", str(MAX_LENGTH),
+            "--device", "cpu"]  # fmt: skip
+    result = CliRunner().invoke(app, [*args, "--head", "frozen_probe", "-o", str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "m" / "finetune.json").read_text())
+    assert record["config"]["head"] == "frozen_probe" and record["result"]["probe"]["l2"] in PROBE_L2_GRID
+    model = load_model(tmp_path / "m")
+    task = load_task("sst2", data_root).limit(train=32, seed=0)
+    probed = _model(tiny_bert_dir, task)
+    fit_linear_probe(probed, task.train, task.validation, iterations=100, l2=None, device="cpu")
+    assert torch.allclose(model.head.weight, probed.head.weight, atol=1e-6)
+    result = CliRunner().invoke(app, [*args, "--head", "frozen", "-o", str(tmp_path / "bad")])
+    assert result.exit_code != 0 and "finetune.head must be one of" in str(result.exception or result.output)
+    assert not (tmp_path / "bad").exists()
