@@ -38,9 +38,7 @@ def _model(tiny_bert_dir: Path, task, **options):
     return build_model(spec)
 
 
-def test_probe_is_logistic_regression_on_standardised_features_folded_into_the_head(
-    tiny_bert_dir: Path, sst2
-) -> None:
+def test_probe_is_logistic_regression_on_standardised_features_folded_into_the_head(tiny_bert_dir: Path, sst2) -> None:
     model = _model(tiny_bert_dir, sst2)
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     result = fit_linear_probe(model, sst2.train, None, iterations=50, l2=0.1, device="cpu")
@@ -90,9 +88,7 @@ def test_probe_is_invariant_to_the_scale_of_the_features(tiny_bert_dir: Path, ss
         assert torch.allclose(scaled.head.weight * 10.0, model.head.weight, rtol=1e-3, atol=1e-3)
 
 
-def test_frozen_probe_trains_the_backbone_only_and_every_recipe_shares_the_head(
-    tiny_bert_dir: Path, sst2
-) -> None:
+def test_frozen_probe_trains_the_backbone_only_and_every_recipe_shares_the_head(tiny_bert_dir: Path, sst2) -> None:
     heads, backbones = [], []
     start = _model(tiny_bert_dir, sst2).backbone.state_dict()
     for lr, loss in ((1e-3, "ce"), (1e-2, "label_smoothing")):  # a normal and a long, low-confidence recipe
