@@ -51,7 +51,7 @@ from distac.resume import (
     save_state,
 )
 from distac.training.losses import LossConfig, build_loss, cross_entropy, mixup_pairs
-from distac.training.probe import ProbeResult, fit_linear_probe, linear_head
+from distac.training.probe import ProbeResult, fit_linear_probe
 
 log = logging.getLogger("distac.training")
 
@@ -206,7 +206,6 @@ def finetune(
     source = task.source or task.name
     probe = None
     if config.head != "train":  # deterministic: a resumed run fits the same head, then loads its state
-        linear_head(model, source)
         probe = fit_linear_probe(
             model,
             train,
