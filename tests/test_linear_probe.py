@@ -153,3 +153,47 @@ def test_cli_finetune_head_option(tiny_bert_dir: Path, data_root: Path, tmp_path
     result = CliRunner().invoke(app, [*args, "--head", "frozen", "-o", str(tmp_path / "bad")])
     assert result.exit_code != 0 and "finetune.head must be one of" in str(result.exception or result.output)
     assert not (tmp_path / "bad").exists()
+
+
+class _BatchNormClassifier(nn.Module):
+    """features = BatchNorm(linear(x)); a linear head: the smallest model with statistics to re-estimate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6))
+        self.head = nn.Linear(6, 2)
+
+    def encode(self, raw):  # noqa: ANN001, ANN201
+        return {"x": torch.as_tensor(raw, dtype=torch.float32)}
+
+    def features(self, inputs):  # noqa: ANN001, ANN201
+        return self.backbone(inputs["x"])
+
+    def forward(self, inputs):  # noqa: ANN001, ANN201
+        return self.head(self.features(inputs))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+def test_probe_fits_features_under_the_tasks_batchnorm_statistics() -> None:
+    """Training-mode BatchNorm and distac's merged evaluations both use the task's statistics, so the
+    head is fitted under them, not under the pretrained ones (which this task's inputs are far from)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(5.0, 3.0, size=(128, 4)).astype(np.float32)  # one estimation batch: the exact mean
+    labels = (x[:, 0] + x[:, 1] > 10.0).astype(np.int64)
+    train = Split(x, labels)
+    model = _BatchNormClassifier()
+    result = fit_linear_probe(model, train, None, iterations=100, l2=1e-3, device="cpu")
+    assert result.batchnorm_layers == 1
+    hidden = model.backbone[0](torch.as_tensor(x)).detach()
+    torch.testing.assert_close(model.backbone[1].running_mean, hidden.mean(0))
+    torch.testing.assert_close(model.backbone[1].running_var, hidden.var(0, unbiased=True))
+    with torch.no_grad():
+        logits = model.eval()(model.encode(x))
+    accuracy = float((logits.argmax(-1) == torch.as_tensor(labels)).float().mean())
+    assert accuracy == pytest.approx(result.train_accuracy) and accuracy > 0.95

@@ -14,8 +14,14 @@ The probe depends on the task's training data, the pretrained backbone and its o
 never on the source's recipe (learning rate, loss): every source of a task starts from the same
 head, and under ``frozen_probe`` ends with it, as every CLIP source of a task shares its zero-shot head.
 
-It is L2-regularised multinomial logistic regression on features computed once in eval mode
-(BatchNorm with the pretrained statistics), fitted to convergence with L-BFGS on standardised
+It is L2-regularised multinomial logistic regression on features computed once in eval mode. A
+backbone with BatchNorm first gets its statistics re-estimated on the task's training inputs (in
+place): training-mode BatchNorm normalises with the task's batch statistics from the first step, and
+distac evaluates every merged backbone with statistics re-estimated per task, so a head fitted on
+features under the pretrained (ImageNet) statistics fits neither. Measured on MNIST at 64 px: such a
+head, 90.5 % accurate on validation under ImageNet statistics, scored 11.2 % on the pretrained
+backbone under re-estimated ones; fitted under re-estimated statistics it scores 68 %. It is fitted
+to convergence with L-BFGS on standardised
 features (so one regularisation grid suits a CNN's features of norm 65 and a sentence encoder's of
 norm 5) and folded back into the linear head: W = W_z / sd, b = b_z - W_z (mean / sd). The
 regularisation strength is ``l2``, or, as in CLIP's linear-probe protocol, the value of
@@ -36,6 +42,7 @@ from torch import nn
 from distac.data.tasks import Split
 from distac.errors import ConfigError, DataError
 from distac.models.base import ClassifierModel
+from distac.models.batchnorm import recompute_batchnorm_statistics
 from distac.models.inference import predict_features
 
 log = logging.getLogger("distac.training")
@@ -48,6 +55,7 @@ PROBE_L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 @dataclass
 class ProbeResult:
     l2: float
+    batchnorm_layers: int  # BatchNorm layers whose statistics were re-estimated on the training inputs
     train_loss: float
     train_accuracy: float
     validation_accuracy: float | None
@@ -105,6 +113,7 @@ def fit_linear_probe(
     head = linear_head(model, source)
     if len(train) == 0:
         raise DataError(f"{source}: no training examples to fit the linear probe on")
+    batchnorm = recompute_batchnorm_statistics(model, train.inputs, batch_size=batch_size, device=device)
     features = predict_features(model, train.inputs, batch_size=batch_size, device=device)
     device = model.device  # predict_features moved the model there
     mean, std = features.mean(0), features.std(0).nan_to_num(0.0).clamp_min(1e-6)
@@ -150,4 +159,4 @@ def fit_linear_probe(
         "n/a" if validation_accuracy is None else f"{validation_accuracy:.3f}",
         seconds,
     )
-    return ProbeResult(l2, train_loss, train_accuracy, validation_accuracy, seconds, scores)
+    return ProbeResult(l2, batchnorm, train_loss, train_accuracy, validation_accuracy, seconds, scores)
