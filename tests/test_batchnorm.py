@@ -7,6 +7,7 @@ divides the scale out), while the stale statistics of the unscaled network chang
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -169,6 +170,34 @@ def test_conditioning_reestimates_statistics_after_rescaling(
         torch.testing.assert_close(ours, reference, atol=2e-2, rtol=0)
     else:  # kept statistics: a different function, the bug this option fixes
         assert float((ours - reference).abs().max()) > 1.0
+
+
+@pytest.mark.parametrize("mode", ["frozen", "batch"])
+def test_student_batchnorm_batch_distills_under_batch_statistics_then_reestimates(mnist, mode: str) -> None:  # noqa: ANN001
+    """ "batch": the student's BatchNorm layers normalise with batch statistics in its training
+    steps (frozen: never), and the saved student carries statistics re-estimated for its weights."""
+    teacher = _teacher(mnist)
+    seen: list[bool] = []
+    teacher.backbone[1].register_forward_pre_hook(lambda module, args: seen.append(module.training))
+    config = ConditionConfig(
+        kappa=1.0, steps=3, lr=1e-2, batch_size=32, student_temperature=2.0, device="cpu", eval_examples=16,
+        log_every=100, student_batchnorm=mode,
+    )  # fmt: skip
+    seen.clear()  # the hook is copied into the student: count its training forwards only
+    result = condition(teacher, _conv_free_pretrained(teacher), mnist, config, progress=False)
+    # batch: 3 training steps, then 2 estimation batches (64 inputs in batches of 32) at the end
+    assert seen.count(True) == (3 + 2 if mode == "batch" else 0)
+    assert result.config["batchnorm_reestimated_after_layers"] == (2 if mode == "batch" else 0)
+    assert not any(m.training for m in result.student.modules())
+    statistics = batchnorm_buffers(result.student)
+    reestimated = copy.deepcopy(result.student)
+    recompute_batchnorm_statistics(
+        reestimated, estimation_inputs(mnist.train.inputs, 256, 0), batch_size=32, device="cpu"
+    )
+    fits = all(torch.allclose(v, batchnorm_buffers(reestimated)[k]) for k, v in statistics.items())
+    assert fits is (mode == "batch")
+    with pytest.raises(Exception, match="condition.student_batchnorm must be one of"):
+        ConditionConfig(student_batchnorm="train")
 
 
 def test_merge_evaluation_reestimates_per_merged_backbone_and_restores_the_source(mnist) -> None:  # noqa: ANN001
