@@ -224,11 +224,11 @@ def test_sources_follow_the_in_memory_key_rule(bert_sources, tmp_path: Path) -> 
 
     pre_dir = _copy_with(pre_dir, tmp_path / "pre_with_buffer", add_buffer)
 
-    def add_head_drop_buffer(state):
+    def add_head(state):  # and, unlike pre_with_buffer, no position_ids
         state["classifier.weight"] = torch.randn(5, 32)
         state["classifier.bias"] = torch.zeros(5)
 
-    headed = _copy_with(sources[0], tmp_path / "headed", add_head_drop_buffer)
+    headed = _copy_with(sources[0], tmp_path / "headed", add_head)
     inputs = [headed, sources[1]]
     streaming_merge(pre_dir, inputs, method="ties", coefficient=0.5, output=tmp_path / "out", max_shard_bytes=40_000)
     expected, _ = _in_memory(pre_dir, inputs, "ties", 0.5)

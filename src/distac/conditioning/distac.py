@@ -217,16 +217,20 @@ def condition(
     if config.unlabeled_corruption is not None:
         unlabeled = corrupt_unlabeled(unlabeled, config.unlabeled_corruption, config.corruption_strength, config.seed)
     val = task.validation.subsample(config.eval_examples, seed=config.seed + 1)
-    recomputed_layers = 0
-    if resolve_batchnorm_choice(config.batchnorm_statistics, student, weights_changed=config.kappa != 1.0):
+
+    def reestimate_statistics(model: ClassifierModel) -> int:
         # a seeded subset of the unlabeled set, identical on every process (a student to be
         # sharded stays on the CPU until FSDP places it)
-        recomputed_layers = recompute_batchnorm_statistics(
-            student,
+        return recompute_batchnorm_statistics(
+            model,
             estimation_inputs(unlabeled, config.batchnorm_examples, config.seed),
             batch_size=config.batch_size,
             device=torch.device("cpu") if rt.sharded else device,
         )
+
+    recomputed_layers = 0
+    if resolve_batchnorm_choice(config.batchnorm_statistics, student, weights_changed=config.kappa != 1.0):
+        recomputed_layers = reestimate_statistics(student)
     # FSDP shards modules in place: train a student that is then gathered into an unsharded copy.
     returned = copy.deepcopy(student) if rt.sharded else student
     if rt.sharded:
@@ -338,12 +342,7 @@ def condition(
     student.eval()
     reestimated_layers = 0
     if batch_statistics:  # running statistics that fit the distilled weights (the same on every process)
-        reestimated_layers = recompute_batchnorm_statistics(
-            student,
-            estimation_inputs(unlabeled, config.batchnorm_examples, config.seed),
-            batch_size=config.batch_size,
-            device=torch.device("cpu") if rt.sharded else device,
-        )
+        reestimated_layers = reestimate_statistics(student)
     rt.barrier()
     if state_file is not None and rt.is_main:
         clear_state(state_file, state_file.parent / SHARDED_STATE_DIR)

@@ -202,8 +202,8 @@ def finetune(
     train = (
         task.train.subsample(config.max_train_examples, seed=config.seed) if config.max_train_examples else task.train
     )
-    model.check_labels(train.labels, task.source or task.name)
     source = task.source or task.name
+    model.check_labels(train.labels, source)
     probe = None
     if config.head != "train":  # deterministic: a resumed run fits the same head, then loads its state
         probe = fit_linear_probe(

@@ -121,12 +121,13 @@ def fit_linear_probe(
     labels = torch.as_tensor(train.labels, device=device)
     classes = head.out_features
     scores: dict[str, float] = {}
+    fits: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
     if l2 is None and validation is not None and len(validation) > 0:
         val_features = predict_features(model, validation.inputs, batch_size=batch_size, device=device)
         val_standardised = ((val_features - mean) / std).to(device)
         val_labels = torch.as_tensor(validation.labels, device=device)
         for candidate in PROBE_L2_GRID:
-            weight, bias = _fit(standardised, labels, classes, candidate, iterations)
+            weight, bias = fits[candidate] = _fit(standardised, labels, classes, candidate, iterations)
             with torch.no_grad():
                 scores[repr(candidate)] = float(
                     nn.functional.cross_entropy(val_standardised @ weight.T + bias, val_labels)
@@ -134,7 +135,7 @@ def fit_linear_probe(
         l2 = min(PROBE_L2_GRID, key=lambda c: scores[repr(c)])
     elif l2 is None:
         l2 = PROBE_L2_GRID[len(PROBE_L2_GRID) // 2]
-    weight, bias = _fit(standardised, labels, classes, l2, iterations)
+    weight, bias = fits[l2] if l2 in fits else _fit(standardised, labels, classes, l2, iterations)
     with torch.no_grad():
         logits = standardised @ weight.T + bias
         train_loss = float(nn.functional.cross_entropy(logits, labels))
@@ -144,11 +145,11 @@ def fit_linear_probe(
             val_logits = val_standardised @ weight.T + bias
             validation_accuracy = float((val_logits.argmax(-1) == val_labels).float().mean())
         folded = weight / std.to(device)  # head(x) = W_z (x - mean) / std + b_z
+        if head.bias is None and mean.abs().max() > 0:  # refused before the head is touched
+            raise ConfigError(f"{source}: the head has no bias, so the probe cannot centre its features")
         head.weight.copy_(folded)
         if head.bias is not None:
             head.bias.copy_(bias - folded @ mean.to(device))
-        elif mean.abs().max() > 0:
-            raise ConfigError(f"{source}: the head has no bias, so the probe cannot centre its features")
     seconds = time.perf_counter() - start
     log.info(
         "linear probe %s: l2 %g, train loss %.4f, train accuracy %.3f, validation accuracy %s (%.1f s)",
