@@ -32,3 +32,23 @@ def test_overrides_and_errors() -> None:
         load_experiment("does-not-exist")
     with pytest.raises(ConfigError, match="unknown recipe"):
         load_experiment("demo", ["scenarios.original.recipe=nonsense"])
+
+
+def test_partial_recipes_and_temperatures_extend_the_defaults() -> None:
+    """Naming one temperature or one recipe must not drop the others: before, this override left
+    norm mismatch without its temperatures and low confidence without its teacher temperature."""
+    config = load_experiment(
+        "demo",
+        [
+            "condition_per_scenario.low_confidence.student_temperature=4",
+            "recipes.strong_smoothing={loss: {kind: label_smoothing, alpha: 0.3}}",
+        ],
+    )
+    assert config.condition_per_scenario["low_confidence"] == {"teacher_temperature": 1.0, "student_temperature": 4}
+    assert config.condition_per_scenario["norm_mismatch"] == {"teacher_temperature": 1.0, "student_temperature": 1.0}
+    assert config.condition_settings("low_confidence")["teacher_temperature"] == 1.0
+    assert {"base", "lr_x10", "label_smoothing", "strong_smoothing"} <= set(config.recipes)
+    assert config.recipes["strong_smoothing"]["loss"]["alpha"] == 0.3
+    # a recipe given under a default name replaces that recipe whole
+    replaced = load_experiment("demo", ["recipes.label_smoothing={loss: {kind: label_smoothing, alpha: 0.2}}"])
+    assert replaced.recipes["label_smoothing"] == {"loss": {"kind": "label_smoothing", "alpha": 0.2}}

@@ -24,6 +24,12 @@ DEFAULT_RECIPES: dict[str, dict[str, Any]] = {
     "focal": {"loss": {"kind": "focal", "gamma": 2.0}},
 }
 
+#: DisTaC temperatures per scenario kind (REFERENCE: T_s > T_t raises the students' confidence).
+DEFAULT_CONDITION_PER_SCENARIO: dict[str, dict[str, Any]] = {
+    "norm_mismatch": {"teacher_temperature": 1.0, "student_temperature": 1.0},
+    "low_confidence": {"teacher_temperature": 1.0, "student_temperature": 2.0},
+}
+
 
 @dataclass
 class ExperimentConfig:
@@ -36,6 +42,7 @@ class ExperimentConfig:
     seed: int = 0
     device: str = "auto"
     finetune: dict[str, Any] = field(default_factory=dict)
+    #: named fine-tuning recipes; given ones are added to (or replace, by name) ``DEFAULT_RECIPES``
     recipes: dict[str, dict[str, Any]] = field(default_factory=lambda: dict(DEFAULT_RECIPES))
     #: scenario -> {"recipe": name, "long_tasks": [...] (norm mismatch only)}
     scenarios: dict[str, dict[str, Any]] = field(
@@ -52,17 +59,23 @@ class ExperimentConfig:
     grid: list[float] | None = None  # default: 0.0 .. 1.0 step 0.05
     #: DisTaC settings shared by all scenarios, and per-scenario overrides (temperatures)
     condition: dict[str, Any] = field(default_factory=dict)
+    #: (given ones extend these: ``--set condition_per_scenario.low_confidence.student_temperature=4``
+    #: keeps the teacher temperature and the norm-mismatch pair)
     condition_per_scenario: dict[str, dict[str, Any]] = field(
-        default_factory=lambda: {
-            "norm_mismatch": {"teacher_temperature": 1.0, "student_temperature": 1.0},
-            "low_confidence": {"teacher_temperature": 1.0, "student_temperature": 2.0},
-        }
+        default_factory=lambda: {kind: dict(values) for kind, values in DEFAULT_CONDITION_PER_SCENARIO.items()}
     )
     evaluation: dict[str, Any] = field(default_factory=dict)
     #: extra studies: scale_curve (Fig. 3), scaling_alone (App. E.4), label_smoothing_sweep (Fig. 4), ...
     studies: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # A config that names one recipe or one temperature extends the defaults rather than dropping
+        # the rest of them (which would silently run, say, norm mismatch with other temperatures).
+        self.recipes = {**DEFAULT_RECIPES, **self.recipes}
+        self.condition_per_scenario = {
+            kind: {**DEFAULT_CONDITION_PER_SCENARIO.get(kind, {}), **values}
+            for kind, values in {**DEFAULT_CONDITION_PER_SCENARIO, **self.condition_per_scenario}.items()
+        }
         if not self.tasks:
             raise ConfigError(f"experiment {self.name!r}: no tasks")
         if len(set(self.tasks)) != len(self.tasks):
