@@ -158,8 +158,9 @@ def test_conditioning_reestimates_statistics_after_rescaling(
     teacher_statistics = batchnorm_buffers(teacher)
     reference = predict_logits(teacher, mnist.test.inputs, device="cpu")
     config = ConditionConfig(
-        kappa=kappa, steps=1, lr=1e-12, batch_size=64, batchnorm_statistics=choice, device="cpu", eval_examples=16
-    )
+        kappa=kappa, steps=1, lr=1e-12, batch_size=64, batchnorm_statistics=choice, device="cpu", eval_examples=16,
+        student_batchnorm="frozen",  # statistics stay as the rescaling left them
+    )  # fmt: skip
     result = condition(teacher, _conv_free_pretrained(teacher), mnist, config, progress=False)
     student_statistics = batchnorm_buffers(result.student)
     same = all(torch.equal(v, student_statistics[k]) for k, v in teacher_statistics.items())
@@ -276,8 +277,10 @@ def test_merge_cli_writes_cnns_with_statistics_of_the_merged_weights(tmp_path: P
 
 
 def test_pipeline_redoes_conditioned_cnns_cached_before_the_option(tmp_path: Path, data_root: Path) -> None:
-    """Conditioned models cached by a run before this option kept the teacher's statistics: a run
-    now redoes those of a BatchNorm model with kappa != 1 and keeps every other cached one."""
+    """Conditioned models cached by a run before ``batchnorm_statistics`` kept the teacher's
+    statistics: a run now redoes those of a BatchNorm model with kappa != 1 and keeps every other
+    cached one. Those cached before ``student_batchnorm`` (or under its old default) were distilled
+    under frozen statistics: redone when batch statistics are asked for (the default now)."""
     from dataclasses import replace
 
     from distac.experiments.config import ExperimentConfig
@@ -291,15 +294,24 @@ def test_pipeline_redoes_conditioned_cnns_cached_before_the_option(tmp_path: Pat
     out.mkdir()
     old_record = {"kappa": 0.1, "config": {"kappa": 0.1}}
     (out / "condition.json").write_text(json.dumps(old_record))
-    shrink, keep_scale = ConditionConfig(kappa=0.1), ConditionConfig(kappa=1.0)
+    shrink = ConditionConfig(kappa=0.1, student_batchnorm="frozen")
+    keep_scale = ConditionConfig(kappa=1.0, student_batchnorm="frozen")
     assert not runner._conditioned_batchnorm_current(out, shrink)
     assert runner._conditioned_batchnorm_current(out, keep_scale)  # kappa 1: nothing to re-estimate
     assert runner._conditioned_batchnorm_current(out, replace(shrink, batchnorm_statistics="keep"))
     assert not runner._conditioned_batchnorm_current(out, replace(keep_scale, batchnorm_statistics="recompute"))
     (out / "condition.json").write_text(json.dumps({**old_record, "batchnorm_recomputed_layers": 49}))
     assert runner._conditioned_batchnorm_current(out, shrink)
+    # distilled under frozen statistics (no record of the option): redone for the default, batch
+    assert ConditionConfig().student_batchnorm == "batch"
+    assert not runner._conditioned_batchnorm_current(out, replace(keep_scale, student_batchnorm="batch"))
+    batch_record = {**old_record, "batchnorm_recomputed_layers": 49, "config": {"student_batchnorm": "batch"}}
+    (out / "condition.json").write_text(json.dumps(batch_record))
+    assert runner._conditioned_batchnorm_current(out, replace(shrink, student_batchnorm="batch"))
+    assert not runner._conditioned_batchnorm_current(out, shrink)
     # a text model has no BatchNorm: its old records stay valid
     text = ExperimentRunner(replace(config, family="hf-text", backbone="x"), tmp_path, echo=lambda _: None)
     text._pretrained, text._has_batchnorm = {}, False
     (out / "condition.json").write_text(json.dumps(old_record))
     assert text._conditioned_batchnorm_current(out, shrink)
+    assert text._conditioned_batchnorm_current(out, replace(shrink, student_batchnorm="batch"))

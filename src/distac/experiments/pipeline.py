@@ -196,7 +196,7 @@ class ExperimentRunner:
         if (out / "distac_model.json").is_file():
             if self._conditioned_batchnorm_current(out, config):
                 return out
-            self.echo(f"  {scenario}/{name}: made with the teacher's BatchNorm statistics; conditioning again")
+            self.echo(f"  {scenario}/{name}: made with other BatchNorm settings; conditioning again")
         self.echo(
             f"conditioning {task} [{recipe}, {scenario}] kappa={kappa:.3f} "
             f"T_t={config.teacher_temperature} T_s={config.student_temperature} steps={config.steps}"
@@ -223,18 +223,25 @@ class ExperimentRunner:
     def _conditioned_batchnorm_current(self, out: Path, config: Any) -> bool:
         """Whether a cached conditioned model treated BatchNorm statistics as ``config`` asks.
 
-        Records older than the option lack ``batchnorm_recomputed_layers``: they kept the teacher's
-        statistics, which is only current where nothing would be re-estimated (no BatchNorm, kappa 1).
-        Newer records match: a changed ``condition`` option is refused by ``check_cache_compatible``.
+        A changed ``condition`` option is refused by ``check_cache_compatible``, but a changed default
+        is not in the run's config: records older than ``batchnorm_statistics`` lack
+        ``batchnorm_recomputed_layers`` (they kept the teacher's statistics, current only where nothing
+        would be re-estimated: kappa 1), and records older than ``student_batchnorm`` (or made when
+        its default was "frozen") lack or hold ``"frozen"`` in their config. Models without BatchNorm
+        are unaffected by either, so their records stay current.
         """
         record = json.loads((out / "condition.json").read_text())
+        self.pretrained_backbone()  # sets self._has_batchnorm
+        if not self._has_batchnorm:
+            return True
+        if record.get("config", {}).get("student_batchnorm", "frozen") != config.student_batchnorm:
+            return False
         if "batchnorm_recomputed_layers" in record:
             return True
-        self.pretrained_backbone()  # sets self._has_batchnorm
         would_recompute = config.batchnorm_statistics == "recompute" or (
             config.batchnorm_statistics == "auto" and config.kappa != 1.0
         )
-        return not (self._has_batchnorm and would_recompute)
+        return not would_recompute
 
     # ------------------------------------------------------------------------------------ merging
     def eval_settings(self) -> EvalSettings:
