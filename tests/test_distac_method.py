@@ -242,4 +242,4 @@ def test_diagnose_flags_planted_sources(sst2, pretrained, normal, long_source, d
         device="cpu",
     )
     assert report2.flagged("low_confidence") == ["unsure"]
-    assert report2.sources[2]["recommendation_detail"]["student_temperature"] >= 2.0
+    assert report2.sources[2]["recommendation_detail"]["student_temperature"] >= 4.0  # the floor

@@ -52,3 +52,18 @@ def test_partial_recipes_and_temperatures_extend_the_defaults() -> None:
     # a recipe given under a default name replaces that recipe whole
     replaced = load_experiment("demo", ["recipes.label_smoothing={loss: {kind: label_smoothing, alpha: 0.2}}"])
     assert replaced.recipes["label_smoothing"] == {"loss": {"kind": "label_smoothing", "alpha": 0.2}}
+
+
+def test_low_confidence_student_temperature_default_and_pinned_pages() -> None:
+    """Low-confidence students default to T_s = 4 (it repaired more than 2 on text-zeroshot and
+    vision-frozen); the bundled configs whose published pages were made with T_s = 2 pin it, so their
+    commands still reproduce those pages."""
+    from distac.conditioning.losses import LOW_CONFIDENCE_STUDENT_TEMPERATURE
+
+    assert LOW_CONFIDENCE_STUDENT_TEMPERATURE == 4.0
+    assert load_experiment("clip-vit-b32").condition_settings("low_confidence")["student_temperature"] == 4.0
+    for name in ("text8", "text-confident", "text-zeroshot", "vision", "vision-frozen"):
+        config = load_experiment(name)
+        assert config.condition_settings("low_confidence")["student_temperature"] == 2.0, name
+        assert config.condition_settings("low_confidence")["teacher_temperature"] == 1.0, name
+        assert config.condition_settings("norm_mismatch")["student_temperature"] == 1.0, name

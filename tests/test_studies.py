@@ -117,7 +117,7 @@ def test_study_config_errors_are_clear(changes: dict, message: str) -> None:
 def test_a_scenario_takes_its_conditioning_settings_from_its_kind() -> None:
     config = _config("all-MiniLM-L6-v2")
     mixup = config.condition_settings("mixup")
-    assert (mixup["teacher_temperature"], mixup["student_temperature"]) == (1.0, 2.0)  # low-confidence pair
+    assert (mixup["teacher_temperature"], mixup["student_temperature"]) == (1.0, 4.0)  # low-confidence pair
     assert config.condition_settings("norm_mismatch")["student_temperature"] == 1.0
     assert mixup["num_unlabeled"] == 32  # the shared settings stay
 
@@ -134,7 +134,7 @@ def test_studies_run_reuse_cached_stages_and_report(tmp_path: Path, tiny_bert_di
     assert {"plain", "distac"} <= set(mixup) and mixup["kappas"] == {"sst2": 1.0, "trec": 1.0}
     assert "task_arithmetic" in mixup["distac"] and "ties" not in mixup["distac"]  # the scenario's own methods
     record = json.loads((tmp_path / "conditioned/mixup/mixup-trec/condition.json").read_text())
-    assert record["config"]["student_temperature"] == 2.0
+    assert record["config"]["student_temperature"] == 4.0
     finetune = json.loads((tmp_path / "sources/mixup/trec/finetune.json").read_text())
     assert finetune["config"]["loss"]["kind"] == "mixup"
 
@@ -176,7 +176,7 @@ def test_studies_run_reuse_cached_stages_and_report(tmp_path: Path, tiny_bert_di
         record = json.loads(
             (tmp_path / f"conditioned/low_confidence/label_smoothing-{task}-n8/condition.json").read_text()
         )
-        assert record["config"]["num_unlabeled"] == 8 and record["config"]["student_temperature"] == 2.0
+        assert record["config"]["num_unlabeled"] == 8 and record["config"]["student_temperature"] == 4.0
         assert record["kappa"] == 1.0
 
     report = write_report(tmp_path).read_text()

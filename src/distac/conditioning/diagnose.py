@@ -15,7 +15,7 @@
 
 Recommendations: kappa (shrink rule) for long sources; for low-confidence sources kappa = 1 and a
 student temperature above the teacher's (ratio chosen so the sharpened entropy moves towards the
-others' median; at least 2).
+others' median; at least ``LOW_CONFIDENCE_STUDENT_TEMPERATURE``, 4).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 
 from distac.atomic import atomic_write_json, atomic_write_text, atomic_write_with
 from distac.checkpoints import StateDict
-from distac.conditioning.losses import scaling_coefficient
+from distac.conditioning.losses import LOW_CONFIDENCE_STUDENT_TEMPERATURE, scaling_coefficient
 from distac.data import TaskData
 from distac.evaluation.metrics import compute_metrics
 from distac.models.base import ClassifierModel
@@ -142,7 +142,8 @@ def diagnose(
         ratio = 1.0
         if "low_confidence" in row["flags"]:
             # T_s / T_t scales the student's logits by that ratio at temperature 1 (METHODS-SPEC 1.5).
-            ratio = max(2.0, row["normalized_entropy"] / max(median, 1e-3)) if others else 2.0
+            floor = LOW_CONFIDENCE_STUDENT_TEMPERATURE
+            ratio = max(floor, row["normalized_entropy"] / max(median, 1e-3)) if others else floor
             ratio = min(ratio, 10.0)
         row["recommendation_detail"] = {"kappa": kappa, "teacher_temperature": 1.0, "student_temperature": ratio}
         if row["flags"]:

@@ -7,6 +7,13 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+#: T_s / T_t for a low-confidence source (the paper asks only for T_s > T_t). At T_t = 1 the student's
+#: logits approach T_s times the teacher's. Measured with 100 distillation steps over two seeds: T_s = 4
+#: won back 97 % of the merges' label-smoothing loss on text-zeroshot (T_s = 2: 52 %) and 70 % on
+#: vision-frozen (36 %), and brought the merged models' entropy back to the original merges'. T_s = 8
+#: gained a little more (vision 82 %) but left the merges overconfident (TA NLL 2.61 against 1.44).
+LOW_CONFIDENCE_STUDENT_TEMPERATURE = 4.0
+
 
 def distillation_loss(
     student_logits: torch.Tensor,

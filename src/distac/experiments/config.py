@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distac.conditioning.losses import LOW_CONFIDENCE_STUDENT_TEMPERATURE
 from distac.config import build_dataclass, check_device_option, check_option, load_config
 from distac.errors import ConfigError
 
@@ -24,10 +25,11 @@ DEFAULT_RECIPES: dict[str, dict[str, Any]] = {
     "focal": {"loss": {"kind": "focal", "gamma": 2.0}},
 }
 
-#: DisTaC temperatures per scenario kind (REFERENCE: T_s > T_t raises the students' confidence).
+#: DisTaC temperatures per scenario kind (REFERENCE: T_s > T_t raises the students' confidence;
+#: the bundled configs with published low-confidence pages pin the T_s = 2 they were made with).
 DEFAULT_CONDITION_PER_SCENARIO: dict[str, dict[str, Any]] = {
     "norm_mismatch": {"teacher_temperature": 1.0, "student_temperature": 1.0},
-    "low_confidence": {"teacher_temperature": 1.0, "student_temperature": 2.0},
+    "low_confidence": {"teacher_temperature": 1.0, "student_temperature": LOW_CONFIDENCE_STUDENT_TEMPERATURE},
 }
 
 
