@@ -20,6 +20,7 @@ import torch
 
 from distac.atomic import atomic_write_text
 from distac.data import load_task
+from distac.evaluation.metrics import accuracy, mean_entropy
 from distac.models import load_model
 from distac.models.batchnorm import estimation_inputs, recompute_batchnorm_statistics
 from distac.models.inference import predict_logits
@@ -27,10 +28,7 @@ from distac.models.inference import predict_logits
 
 def accuracy_and_entropy(model, task) -> tuple[float, float]:  # noqa: ANN001
     logits = predict_logits(model, task.test.inputs, device="cpu")
-    probs = logits.softmax(-1)
-    entropy = float(-(probs * probs.clamp_min(1e-12).log()).sum(-1).mean())
-    accuracy = float((logits.argmax(-1) == torch.as_tensor(task.test.labels)).float().mean())
-    return accuracy, entropy
+    return accuracy(logits, torch.as_tensor(task.test.labels)), mean_entropy(logits)
 
 
 def main() -> None:
@@ -52,8 +50,7 @@ def main() -> None:
         models[f"LS + DisTaC ({label})"] = Path(run) / "conditioned/low_confidence"
     rows = []
     for task_name in config["tasks"]:
-        limits = config["limits"]
-        task = load_task(task_name).limit(**limits, seed=args.seed)
+        task = load_task(task_name).limit(**config["limits"], seed=args.seed)
         for label, folder in models.items():
             path = folder / task_name if "source" in label else folder / f"label_smoothing-{task_name}"
             model = load_model(path)

@@ -45,7 +45,7 @@ class ExperimentConfig:
     device: str = "auto"
     finetune: dict[str, Any] = field(default_factory=dict)
     #: named fine-tuning recipes; given ones are added to (or replace, by name) ``DEFAULT_RECIPES``
-    recipes: dict[str, dict[str, Any]] = field(default_factory=lambda: dict(DEFAULT_RECIPES))
+    recipes: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: scenario -> {"recipe": name, "long_tasks": [...] (norm mismatch only)}
     scenarios: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {
@@ -61,11 +61,10 @@ class ExperimentConfig:
     grid: list[float] | None = None  # default: 0.0 .. 1.0 step 0.05
     #: DisTaC settings shared by all scenarios, and per-scenario overrides (temperatures)
     condition: dict[str, Any] = field(default_factory=dict)
-    #: (given ones extend these: ``--set condition_per_scenario.low_confidence.student_temperature=4``
-    #: keeps the teacher temperature and the norm-mismatch pair)
-    condition_per_scenario: dict[str, dict[str, Any]] = field(
-        default_factory=lambda: {kind: dict(values) for kind, values in DEFAULT_CONDITION_PER_SCENARIO.items()}
-    )
+    #: (given ones extend ``DEFAULT_CONDITION_PER_SCENARIO``:
+    #: ``--set condition_per_scenario.low_confidence.student_temperature=4`` keeps the teacher
+    #: temperature and the norm-mismatch pair)
+    condition_per_scenario: dict[str, dict[str, Any]] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
     #: extra studies: scale_curve (Fig. 3), scaling_alone (App. E.4), label_smoothing_sweep (Fig. 4), ...
     studies: dict[str, dict[str, Any]] = field(default_factory=dict)
