@@ -50,6 +50,16 @@ def test_paper_comparison_reports_differences_and_sign_agreement() -> None:
     assert "smaller than 1.1 points" in table
 
 
+def test_paper_comparison_is_omitted_without_any_effect_to_compare() -> None:
+    # a run of one custom scenario (e.g. conditioning normal sources): no drop or gain the paper reports
+    scenario = {"average": {"plain": {"task_arithmetic": _entry(0.62)}, "distac": {"task_arithmetic": _entry(0.64)}}}
+    results = {"config": {"methods": ["task_arithmetic"]}, "scenarios": {"sharpened": scenario}}
+    assert paper_comparison_markdown(results) == ""
+    # one low-confidence run alone has its DisTaC gain: the table is kept
+    results["scenarios"] = {"low_confidence": scenario}
+    assert "+2.0" in paper_comparison_markdown(results)
+
+
 def test_noise_band_is_one_standard_error_of_a_difference_of_averages() -> None:
     def results(*sizes: int) -> dict:
         tests = {f"t{i}": {"n": n} for i, n in enumerate(sizes)}

@@ -58,7 +58,8 @@ def paper_comparison_markdown(results: dict[str, Any]) -> str:
     """Our effects next to the paper's, in absolute points: how much each failure mode costs a
     merge (vs original) and how much DisTaC gives back. Scales differ, so compare signs and sizes,
     not levels. ✓: the sign agrees with the paper's; ✗: it does not; ≈: our effect is smaller than
-    the noise band (:func:`noise_band_points`), so it shows no measurable effect either way."""
+    the noise band (:func:`noise_band_points`), so it shows no measurable effect either way.
+    Empty when the run has none of these effects (e.g. only a custom scenario), rather than a table of dashes."""
     band = noise_band_points(results)
 
     score = partial(merged_score, results)  # (scenario, variant, method) -> % or None
@@ -80,6 +81,7 @@ def paper_comparison_markdown(results: dict[str, Any]) -> str:
         "| LC drop: paper | ours | DisTaC gain on LC: paper | ours |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    measured = False
     for method in results["config"]["methods"]:
         if method not in PAPER_TABLE1_VIT_B32:
             continue
@@ -87,12 +89,16 @@ def paper_comparison_markdown(results: dict[str, Any]) -> str:
         orig = score("original", "plain", method)
         nm, nm_d = score("norm_mismatch", "plain", method), score("norm_mismatch", "distac", method)
         lc, lc_d = score("low_confidence", "plain", method), score("low_confidence", "distac", method)
+        effects = (diff(nm, orig), diff(nm_d, nm), diff(lc, orig), diff(lc_d, lc))
+        measured = measured or any(e is not None for e in effects)
         lines.append(
             f"| {METHOD_LABELS.get(method, method)} | {p_nm - p_orig:+.1f} | {agree(diff(nm, orig), p_nm - p_orig)} "
             f"| {p_nm_d - p_nm:+.1f} | {agree(diff(nm_d, nm), p_nm_d - p_nm)} "
             f"| {p_lc - p_orig:+.1f} | {agree(diff(lc, orig), p_lc - p_orig)} "
             f"| {p_lc_d - p_lc:+.1f} | {agree(diff(lc_d, lc), p_lc_d - p_lc)} |"
         )
+    if not measured:
+        return ""
     lines += [
         "",
         f"✓ / ✗: our effect has the paper's sign / the opposite sign. ≈: smaller than {band:.1f} points, one "

@@ -144,9 +144,9 @@ class _Source:
         return key in self.shapes()
 
     def extra_tensor(self, key: str) -> torch.Tensor:
-        """A tensor the pretrained checkpoint lacks (a task head, a buffer): read as stored."""
-        if self.reader is None:
-            raise CheckpointError(f"{self.path}: adapter tensor {key!r} has no pretrained counterpart")
+        """A tensor the pretrained checkpoint lacks (a task head, a buffer): read as stored. Only
+        checkpoint sources have such keys: an adapter's key set is its base's (``LoraSource.shapes``)."""
+        assert self.reader is not None, "adapter sources have no keys beyond the pretrained checkpoint's"
         return self.reader.get(key)
 
     def tensor(self, key: str, pretrained: torch.Tensor) -> torch.Tensor:
