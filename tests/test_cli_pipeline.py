@@ -225,3 +225,16 @@ def test_demo_command_runs_every_stage_and_prints_the_table(tmp_path: Path, tiny
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert set(results["scenarios"]) == {"original", "norm_mismatch"}
     assert (tmp_path / "demo" / "table1.md").is_file()
+    # every merge says how it recalibrates: a temperature per task, fitted on validation, and the test
+    # confidence under it (entropy rises with T > 1 and falls with T < 1)
+    for record_file in (tmp_path / "demo" / "merges").rglob("*.json"):
+        if record_file.name.startswith("individual"):
+            continue
+        for row in json.loads(record_file.read_text())["test"].values():
+            after = row["calibrated"]
+            assert 0.05 <= after["temperature"] <= 20.0
+            if after["temperature"] > 1.0 + 1e-6:
+                assert after["entropy"] >= row["entropy"] - 1e-6
+            elif after["temperature"] < 1.0 - 1e-6:
+                assert after["entropy"] <= row["entropy"] + 1e-6
+    assert "Calibration of the merged models" in (tmp_path / "demo" / "table1.md").read_text()

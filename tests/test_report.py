@@ -7,7 +7,13 @@ import math
 
 import pytest
 
-from distac.experiments.report import choices_markdown, noise_band_points, paper_comparison_markdown, plot_table1
+from distac.experiments.report import (
+    calibration_markdown,
+    choices_markdown,
+    noise_band_points,
+    paper_comparison_markdown,
+    plot_table1,
+)
 
 
 def _entry(absolute: float) -> dict[str, float]:
@@ -58,6 +64,26 @@ def test_paper_comparison_is_omitted_without_any_effect_to_compare() -> None:
     # one low-confidence run alone has its DisTaC gain: the table is kept
     results["scenarios"] = {"low_confidence": scenario}
     assert "+2.0" in paper_comparison_markdown(results)
+
+
+def test_calibration_table_averages_each_merge_over_tasks_and_skips_uncalibrated_records() -> None:
+    def row(entropy: float, ece: float, nll: float, t: float, after: tuple[float, float, float]) -> dict:
+        calibrated = dict(zip(("entropy", "ece", "nll"), after, strict=True)) | {"temperature": t}
+        return {"score": 0.5, "entropy": entropy, "ece": ece, "nll": nll, "calibrated": calibrated}
+
+    calibrated = {
+        "absolute": 0.5,
+        "test": {"a": row(0.1, 0.2, 1.0, 2.0, (0.3, 0.1, 0.8)), "b": row(0.3, 0.4, 2.0, 4.0, (0.5, 0.3, 1.0))},
+    }
+    old_record = {"absolute": 0.6, "test": {"a": {"score": 0.6, "entropy": 0.1, "ece": 0.1, "nll": 1.0}}}
+    results = {
+        "config": {"methods": ["ties", "tsvm"]},
+        "scenarios": {"low_confidence": {"average": {"distac": {"ties": calibrated, "tsvm": old_record}}}},
+    }
+    lines = [line for line in calibration_markdown(results).splitlines() if line.startswith("| low_confidence")]
+    assert lines == ["| low_confidence | distac | TIES | 50.0 | 0.200 | 0.300 | 1.500 | 3.00 | 0.400 | 0.200 | 0.900 |"]
+    results["scenarios"]["low_confidence"]["average"]["distac"] = {"tsvm": old_record}
+    assert calibration_markdown(results) == ""  # merges recorded before calibration existed: no table
 
 
 def test_noise_band_is_one_standard_error_of_a_difference_of_averages() -> None:

@@ -8,6 +8,11 @@ are per task too: by default (``batchnorm_statistics="auto"``) they are re-estim
 merged backbone on unlabeled training inputs of the task (:mod:`distac.models.batchnorm`), since
 the source's own statistics describe the source's weights, not the merge; ``"keep"`` uses the
 source's.
+
+Each test row also says how well the merged model can be recalibrated afterwards, as the paper
+proposes: a temperature fitted on the task's validation logits at the chosen coefficient
+(:mod:`distac.evaluation.calibration`), and the test ECE / NLL / entropy under it (``calibrated``).
+Accuracy is unchanged by a temperature, so only the confidence metrics move.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 from distac.checkpoints import StateDict
 from distac.config import check_choice_option, check_option
 from distac.data import TaskData
+from distac.evaluation.calibration import calibration_report
 from distac.evaluation.metrics import TaskMetrics, compute_metrics
 from distac.merging.base import MergeResult, apply_merge
 from distac.merging.coefficient_search import search_coefficient
@@ -97,8 +103,16 @@ class TaskModelBank:
         limit = self.settings.validation_examples if split == "validation" else self.settings.test_examples
         return data.subsample(limit, seed=17) if limit else data
 
-    @torch.no_grad()
     def score(self, task: str, backbone: Mapping[str, torch.Tensor] | None, split: str) -> TaskMetrics:
+        """Metrics of ``backbone`` (None: the task's own source) with the task's head on ``split``."""
+        logits, labels = self.logits(task, backbone, (split,))[split]
+        return compute_metrics(logits, labels, metric=self.tasks[task].metric)
+
+    @torch.no_grad()
+    def logits(
+        self, task: str, backbone: Mapping[str, torch.Tensor] | None, splits: Sequence[str]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(logits, labels) per split, from one load of ``backbone`` (and one BatchNorm re-estimation)."""
         model = self.models[task]
         state = backbone if backbone is not None else self._originals[task]
         model.load_state_dict({k: state[k] for k in self.keys}, strict=False)
@@ -110,17 +124,20 @@ class TaskModelBank:
                     batch_size=self.settings.batch_size,
                     device=self.settings.device,
                 )
-            data = self._split(task, split)
-            logits = predict_logits(
-                model, data.inputs, batch_size=self.settings.batch_size, device=self.settings.device
-            )
+            out = {}
+            for split in splits:
+                data = self._split(task, split)
+                logits = predict_logits(
+                    model, data.inputs, batch_size=self.settings.batch_size, device=self.settings.device
+                )
+                out[split] = (logits, torch.as_tensor(data.labels))
         finally:
             # Put the source's own weights back: callers share these model objects (another bank, task
             # vectors computed from model.state_dict()), and a merged backbone left behind would
             # silently become their "individual" model.
             if backbone is not None:
                 model.load_state_dict({**self._originals[task], **self._statistics[task]}, strict=False)
-        return compute_metrics(logits, torch.as_tensor(data.labels), metric=self.tasks[task].metric)
+        return out
 
 
 def individual_scores(bank: TaskModelBank, split: str) -> dict[str, TaskMetrics]:
@@ -132,7 +149,7 @@ class MergeEvaluation:
     method: str
     coefficient: float
     search: dict[str, Any] | None
-    test: dict[str, dict[str, float]]
+    test: dict[str, dict[str, Any]]  # per task: TaskMetrics fields, normalized, calibrated
     absolute: float
     normalized: float
     merge_seconds: float
@@ -194,13 +211,18 @@ def evaluate_method(
         search_record = search.to_json()
     elif coefficient is None:
         coefficient = merger.default_coefficient
-    test: dict[str, dict[str, float]] = {}
+    test: dict[str, dict[str, Any]] = {}
     shared = None if result.per_task is not None else merged_for(names[0], coefficient)
     for t in names:
-        metrics = bank.score(t, shared if shared is not None else merged_for(t, coefficient), "test")
-        row = metrics.to_dict()
+        backbone = shared if shared is not None else merged_for(t, coefficient)
+        split_logits = bank.logits(t, backbone, ("validation", "test"))
+        report = calibration_report(*split_logits["validation"], *split_logits["test"], metric=bank.tasks[t].metric)
+        row = dict(report["before"])
+        row["calibrated"] = {"temperature": report["temperature"]} | {
+            k: report["after"][k] for k in ("entropy", "ece", "nll")
+        }
         ref = individual_test[t].score
-        row["normalized"] = metrics.score / ref if ref > 0 else float("nan")
+        row["normalized"] = row["score"] / ref if ref > 0 else float("nan")
         test[t] = row
     absolute = sum(r["score"] for r in test.values()) / len(test)
     defined = [r["normalized"] for r in test.values() if r["normalized"] == r["normalized"]]
