@@ -81,7 +81,7 @@ def test_calibration_table_averages_each_merge_over_tasks_and_skips_uncalibrated
         "scenarios": {"low_confidence": {"average": {"distac": {"ties": calibrated, "tsvm": old_record}}}},
     }
     lines = [line for line in calibration_markdown(results).splitlines() if line.startswith("| low_confidence")]
-    assert lines == ["| low_confidence | distac | TIES | 50.0 | 0.200 | 0.300 | 1.500 | 3.00 | 0.400 | 0.200 | 0.900 |"]
+    assert lines == ["| low_confidence | distac | TIES | 50.0 | 0.200 | 0.300 | 1.500 | 2.83 | 0.400 | 0.200 | 0.900 |"]
     results["scenarios"]["low_confidence"]["average"]["distac"] = {"tsvm": old_record}
     assert calibration_markdown(results) == ""  # merges recorded before calibration existed: no table
 
