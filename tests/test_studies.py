@@ -122,6 +122,23 @@ def test_a_scenario_takes_its_conditioning_settings_from_its_kind() -> None:
     assert mixup["num_unlabeled"] == 32  # the shared settings stay
 
 
+def test_a_low_confidence_scenario_on_normal_sources_conditions_every_task_at_kappa_one(tmp_path: Path) -> None:
+    """DisTaC on healthy cross-entropy sources ("sharpening", results/text-zeroshot): a scenario of kind
+    low_confidence on the base recipe; an `original` scenario on the same recipe conditions nothing."""
+    scenarios = {"original": {"recipe": "base"}, "sharpened": {"recipe": "base", "kind": "low_confidence"}}
+    config = _config("all-MiniLM-L6-v2", scenarios=scenarios, studies={})
+    runner = ExperimentRunner(config, tmp_path, echo=lambda _: None)
+    key, recipes, condition_tasks, kappa_rule = runner.scenario_plan("sharpened", scenarios["sharpened"])
+    assert (key, recipes, condition_tasks, kappa_rule) == (
+        "sharpened",
+        {"sst2": "base", "trec": "base"},
+        ["sst2", "trec"],
+        "one",
+    )
+    assert runner.config.condition_settings("sharpened")["student_temperature"] == 4.0
+    assert runner.scenario_plan("original", scenarios["original"])[2] == []
+
+
 # ------------------------------------------------------------------------------------ pipeline
 
 
