@@ -19,16 +19,18 @@ KIT=${KIT:-$PWD/.device}
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} DISTAC_DATA=$KIT/data PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 PY=${PYTHON:-python3}
 mkdir -p "$OUT/benchmarks" "$OUT/results"
+# distac's default low-confidence student temperature (4); the CPU pages' configs pin the 2 they were made with
+TS_ARGS=(--set condition_per_scenario.low_confidence.student_temperature=4)
 if [[ ${SMOKE:-0} == 1 ]]; then
   COND_ARGS=(--steps 4 --batch-size 16 --unlabeled 64) MERGE_ARGS=(--tasks 2 --methods task_arithmetic ties --wudi-iters 2)
   EXP_ARGS=(--set finetune.steps=4 --set condition.steps=2 --set limits.train=64 --set limits.test=32
-            --set "studies={}")
+            --set "studies={}" "${TS_ARGS[@]}")
   LIMITS=(120 120 300)
 else
   COND_ARGS=(--steps 100 --batch-size 128 --unlabeled 4096)
   MERGE_ARGS=(--tasks 8)
   EXP_ARGS=(--set finetune.steps=1000 --set condition.steps=500 --set limits.train=2000 --set limits.validation=200
-            --set limits.test=500 --set grid=null)
+            --set limits.test=500 --set grid=null "${TS_ARGS[@]}")
   LIMITS=(100 170 250)
 fi
 START=$SECONDS
