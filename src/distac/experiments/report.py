@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
+from statistics import fmean, geometric_mean
 from typing import Any
 
 from distac.atomic import atomic_write_text, atomic_write_with
@@ -229,9 +230,18 @@ def per_task_markdown(run: dict[str, Any], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _mean_of(values: Any) -> float:
-    values = list(values)
-    return sum(values) / len(values)
+def merge_runs(scenario: str, block: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """Each merge run of one scenario's results block as (label, variant, run): per choice of the long
+    source where the scenario has several, else its single (``average``) run."""
+    if "choices" in block:
+        for choice, run in block["choices"].items():
+            for variant in ("plain", "distac", "scaling_alone"):
+                if variant in run:
+                    yield f"{scenario}, long source {choice}", variant, run[variant]
+    else:
+        for variant in ("plain", "distac"):
+            if variant in block.get("average", {}):
+                yield scenario, variant, block["average"][variant]
 
 
 def calibration_markdown(results: dict[str, Any]) -> str:
@@ -239,15 +249,7 @@ def calibration_markdown(results: dict[str, Any]) -> str:
     recalibration step): per merge, the test means over tasks of entropy, ECE and NLL, the fitted
     temperature (one per task, on validation; geometric mean here) and ECE / NLL under it. Merges
     evaluated before calibration was recorded have no ``calibrated`` rows and are left out."""
-    runs: list[tuple[str, str, dict[str, Any]]] = []
-    for scenario, block in results["scenarios"].items():
-        if "choices" in block:
-            for choice, run in block["choices"].items():
-                runs += [
-                    (f"{scenario}, long {choice}", v, run[v]) for v in ("plain", "distac", "scaling_alone") if v in run
-                ]
-        else:
-            runs += [(scenario, v, block["average"][v]) for v in ("plain", "distac") if v in block.get("average", {})]
+    runs = [run for scenario, block in results["scenarios"].items() for run in merge_runs(scenario, block)]
     lines: list[str] = []
     for label, variant, run in runs:
         for method, entry in run.items():
@@ -256,10 +258,10 @@ def calibration_markdown(results: dict[str, Any]) -> str:
             rows = list(entry.get("test", {}).values()) if isinstance(entry, dict) else []
             if not rows or not all("calibrated" in r for r in rows):
                 continue
-            before = {k: _mean_of(r[k] for r in rows) for k in ("entropy", "ece", "nll")}
-            after = {k: _mean_of(r["calibrated"][k] for r in rows) for k in ("entropy", "ece", "nll")}
+            before = {k: fmean(r[k] for r in rows) for k in ("entropy", "ece", "nll")}
+            after = {k: fmean(r["calibrated"][k] for r in rows) for k in ("entropy", "ece", "nll")}
             # a scale factor: the geometric mean, so T = 0.2 and T = 5 on two tasks average to 1, not 2.6
-            after["temperature"] = math.exp(_mean_of(math.log(r["calibrated"]["temperature"]) for r in rows))
+            after["temperature"] = geometric_mean(r["calibrated"]["temperature"] for r in rows)
             lines.append(
                 f"| {label} | {variant} | {METHOD_LABELS.get(method, method)} | {100 * entry['absolute']:.1f} "
                 f"| {before['entropy']:.3f} | {before['ece']:.3f} | {before['nll']:.3f} | {after['temperature']:.2f} "
@@ -307,14 +309,8 @@ def write_report(run_dir: str | Path) -> Path:
     for scenario, block in results["scenarios"].items():
         if "choices" in block:
             parts.append(choices_markdown(scenario, block, results["config"]["methods"]))
-            for choice, run in block["choices"].items():
-                for variant in ("plain", "distac", "scaling_alone"):
-                    if variant in run:
-                        parts.append(per_task_markdown(run[variant], f"{scenario}, long source {choice}, {variant}"))
-        else:
-            for variant in ("plain", "distac"):
-                if variant in block["average"]:
-                    parts.append(per_task_markdown(block["average"][variant], f"{scenario}, {variant}"))
+        for label, variant, run in merge_runs(scenario, block):
+            parts.append(per_task_markdown(run, f"{label}, {variant}"))
     calibration = calibration_markdown(results)
     if calibration:
         parts.append(calibration)
