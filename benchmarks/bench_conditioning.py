@@ -1,14 +1,16 @@
 """Cost of DisTaC conditioning: time per step with cached teacher logits vs the teacher run on-line
-(the straightforward implementation, as in the released code), and with bf16 autocast on CUDA.
-On a CPU the conditioning variants run in float32 (distac applies bf16 autocast on CUDA only), and a
-separate measurement times one training step of the same student in float32 and under CPU bf16
-autocast, which is the evidence for that choice on the machine at hand.
+(the straightforward implementation, as in the released code), and with bf16 autocast where distac
+uses it (CUDA, and CPUs with native bf16 kernels). On a CPU a separate measurement times one
+training step of the same student in float32 and under CPU bf16 autocast, which is the evidence for
+distac's choice on the machine at hand; CPU results are written per vector unit
+(``conditioning_cpu_avx2``, ``conditioning_cpu_avx512``).
 
 The source is the REAL all-MiniLM-L6-v2 fine-tuned for a few steps on real SST-2 (a quick source:
 only speed is measured here, accuracy numbers are not reported). Every variant conditions the same
 source with the same seed for ``--steps`` steps; the table reports wall time per step (excluding
-the one-off teacher pass, reported separately), the resulting speed-up, and peak memory (RSS on
-CPU, peak allocated on CUDA). Variants run one after another in this process.
+the one-off teacher pass, reported separately), the resulting speed-up, and the peak memory of each
+``condition()`` call, total and over what was live before it (``memory_probe.PeakMemory``: sampled
+RSS on CPU, peak allocated on CUDA). Variants run one after another in this process.
 
     PYTHONPATH=src python benchmarks/bench_conditioning.py                      # CPU
     PYTHONPATH=src python benchmarks/bench_conditioning.py --device cuda --batch-size 128 --steps 100
@@ -21,7 +23,6 @@ import copy
 import json
 import os
 import platform
-import resource
 import sys
 import time
 from dataclasses import replace
@@ -34,7 +35,10 @@ from distac.conditioning.distac import ConditionConfig, condition
 from distac.data import load_task
 from distac.environment import environment_record
 from distac.models import ModelSpec, build_model
+from distac.models.inference import bf16_autocast
 from distac.training.finetune import FinetuneConfig, finetune
+
+from memory_probe import PeakMemory
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -86,18 +90,17 @@ def main() -> None:
         ("teacher on-line (straightforward)", replace(base, cache_teacher_logits=False)),
         ("cached teacher logits (default)", base),
     ]
-    if args.device.startswith("cuda"):
+    if bf16_autocast(True, torch.device(args.device)):  # CUDA, or a CPU with native bf16 kernels
         variants += [
             ("teacher on-line + bf16", replace(base, cache_teacher_logits=False, mixed_precision=True)),
             ("cached teacher logits + bf16", replace(base, mixed_precision=True)),
         ]
     rows: list[dict[str, Any]] = []
     for label, config in variants:
-        if torch.cuda.is_available() and args.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        result = condition(teacher, pretrained, task, config, progress=False)
-        total = time.perf_counter() - t0
+        with PeakMemory(args.device) as memory:
+            t0 = time.perf_counter()
+            result = condition(teacher, pretrained, task, config, progress=False)
+            total = time.perf_counter() - t0
         loop = result.seconds  # the distillation loop only: starts after the teacher-logit cache is built
         rows.append(
             {
@@ -109,10 +112,16 @@ def main() -> None:
                 "total_seconds": total,
                 "seconds_per_step": loop / config.steps,
                 "final_kl": result.history[-1].get("kl"),
-                "peak_memory_gib": _peak_memory(args.device),
+                "peak_memory_gib": memory.peak / 2**30,
+                "peak_extra_memory_gib": memory.peak_extra / 2**30,
             }
         )
-        print(f"{label:<40} {loop / config.steps:.3f} s/step  total {total:.1f} s", flush=True)
+        print(
+            f"{label:<40} {loop / config.steps:.3f} s/step  total {total:.1f} s  "
+            f"extra memory {memory.peak_extra / 2**30:.2f} GiB",
+            flush=True,
+        )
+        del result
     reference = rows[0]["seconds_per_step"]
     for row in rows:
         row["speedup_vs_online"] = reference / row["seconds_per_step"]
@@ -137,7 +146,7 @@ def main() -> None:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "platform": platform.platform(),
     }
-    output = Path(args.output.format(device=args.device.split(":")[0]))
+    output = Path(args.output.format(device=_device_label(args.device)))
     output.parent.mkdir(parents=True, exist_ok=True)
     output.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     output.with_suffix(".md").write_text(_markdown(record))
@@ -177,14 +186,15 @@ def _cpu_autocast_step_times(model: Any, texts: list[Any], repeats: int) -> dict
     }
 
 
+def _device_label(device: str) -> str:
+    """``cuda``, or ``cpu_<capability>`` (``cpu_avx2``, ``cpu_avx512``): CPU results differ by vector unit,
+    bf16 autocast most of all, so each kind of CPU keeps its own result files."""
+    kind = device.split(":")[0]
+    return f"cpu_{torch.backends.cpu.get_cpu_capability().lower()}" if kind == "cpu" else kind
+
+
 def _ratio(speedup: float) -> str:
     return f"a {speedup:.2f}x speed-up" if speedup >= 1 else f"{1 / speedup:.1f}x slower"
-
-
-def _peak_memory(device: str) -> float:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (process peak so far)
 
 
 def _markdown(record: dict[str, Any]) -> str:
@@ -197,13 +207,15 @@ def _markdown(record: dict[str, Any]) -> str:
         f"{args['max_length']}, {args['unlabeled']} unlabeled inputs. Time per step excludes the one-off "
         "teacher pass of the cached variants (included in total).",
         "",
-        "| variant | s / step | speed-up vs on-line | total (s) | peak memory (GiB) |",
-        "|---|---:|---:|---:|---:|",
+        "| variant | s / step | speed-up vs on-line | total (s) | final KL | peak extra memory (GiB) "
+        "| peak memory (GiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in record["rows"]:
         lines.append(
             f"| {row['variant']} | {row['seconds_per_step']:.3f} | {row['speedup_vs_online']:.2f}x | "
-            f"{row['total_seconds']:.1f} | {row['peak_memory_gib']:.2f} |"
+            f"{row['total_seconds']:.1f} | {row['final_kl']:.4f} | {row['peak_extra_memory_gib']:.2f} | "
+            f"{row['peak_memory_gib']:.2f} |"
         )
     autocast = record.get("cpu_autocast")
     if autocast:
@@ -214,11 +226,19 @@ def _markdown(record: dict[str, Any]) -> str:
             f"autocast {autocast['bf16_seconds']:.3f} s, {_ratio(autocast['bf16_speedup'])} "
             f"(CPU capability {autocast['cpu_capability']}, oneDNN bf16 "
             f"{'supported' if autocast['mkldnn_bf16_supported'] else 'not supported'}). "
-            "distac therefore applies bf16 autocast on CUDA only.",
+            + (
+                "distac honours `mixed_precision` on such a CPU (the bf16 rows above)."
+                if autocast["mkldnn_bf16_supported"]
+                else "distac ignores `mixed_precision` on such a CPU, with a warning."
+            ),
         ]
     lines += [
         "",
-        "Peak memory on CPU is the process high-water mark so far (it never decreases between variants).",
+        "Peak extra memory: what `condition()` needed at its worst moment, over what was live when it was "
+        "called (the teacher, the pretrained weights, the data): the student, its optimizer state, the "
+        "teacher-logit cache and the activations. Peak memory: the total at that moment. On CPU both are "
+        "the resident set sampled every 5 ms (freed heap handed back to the OS before each variant); on "
+        "CUDA the allocator's peak of allocated device memory.",
         "",
         f"Machine: {env['machine']}, {env['cpu_count']} CPUs, torch threads {env['torch_threads']}, CUDA "
         f"{env['cuda']}; torch {env['torch']}, transformers {env['transformers']}, distac {env['distac']}; "

@@ -26,10 +26,8 @@ import gc
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +36,8 @@ from typing import Any
 import torch
 
 from distac.merging import available_methods, get_method
+
+from memory_probe import PeakMemory, release_free_heap
 
 PAPER_WUDI_ITERATIONS = 300
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -64,51 +64,6 @@ def make_task_vectors(
     ]
 
 
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:  # not Linux: fall back to the lifetime peak (coarser)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-class PeakMemory:
-    """Peak extra memory while the block runs: sampled RSS on CPU, allocator peak on CUDA."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.peak_extra = 0
-        self._stop = threading.Event()
-
-    def __enter__(self) -> PeakMemory:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._baseline = torch.cuda.memory_allocated()
-            return self
-        self._baseline = _rss_bytes()
-        self._peak = self._baseline
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self._peak = max(self._peak, _rss_bytes())
-            time.sleep(0.005)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak_extra = torch.cuda.max_memory_allocated() - self._baseline
-            return
-        self._stop.set()
-        self._thread.join()
-        self._peak = max(self._peak, _rss_bytes())
-        self.peak_extra = self._peak - self._baseline
-
-
 def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, int]:
     with PeakMemory(device) as memory:
         start = time.perf_counter()
@@ -128,23 +83,12 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     shapes = clip_vit_b32_shapes()
     task_vectors = make_task_vectors(shapes, args.tasks, args.scale, args.seed, device)
     names = [f"task_{i}" for i in range(args.tasks)]
-    _release_free_heap()
+    release_free_heap()
     if args.worker == "wudi":
         return bench_wudi(task_vectors, names, args, device)
     method = get_method(args.worker)
     seconds, peak = timed(lambda: method.merge(task_vectors, task_names=names), device)
     return {"method": args.worker, "seconds": seconds, "peak_extra_bytes": peak, "extrapolated": False}
-
-
-def _release_free_heap() -> None:
-    """Hand freed heap pages back to the OS (glibc) so the RSS baseline is what is really live."""
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -40,7 +40,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,8 @@ from typing import Any
 import torch
 
 import distac  # noqa: F401  (installs the torchvision shim before transformers is imported)
+
+from memory_probe import PeakMemory, proc_status
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = {
@@ -86,39 +87,6 @@ def write_checkpoints(root: Path, size: str, tasks: int, seed: int) -> tuple[Pat
 
 
 # ------------------------------------------------------------------------------------------ worker
-def _status() -> dict[str, int]:
-    values = {}
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            name, _, rest = line.partition(":")
-            if name in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
-                values[name] = int(rest.split()[0]) * 1024
-    return values
-
-
-class AnonSampler:
-    """Peak RssAnon sampled every 5 ms in a thread (VmHWM covers total RSS exactly)."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _status().get("RssAnon", 0))
-            time.sleep(0.005)
-
-    def __enter__(self) -> AnonSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _status().get("RssAnon", 0))
-
-
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     import transformers  # noqa: F401  (imported by both paths; part of the baseline)
 
@@ -130,15 +98,15 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     sources = [Path(p) for p in args.sources]
     out = Path(args.output)
     gc.collect()
-    baseline = _status()
+    baseline = proc_status()
     start = time.perf_counter()
-    with AnonSampler() as anon:
+    with PeakMemory("cpu", field="RssAnon") as anon:
         if args.worker == "streaming":
             streaming_merge(pre, sources, method=args.method, coefficient=0.3, output=out, max_shard_bytes=SHARD_BYTES)
         else:
             _merge_checkpoints(pre, sources, [p.name for p in sources], args.method, {}, out, 0.3, [], [], SHARD_BYTES)
     seconds = time.perf_counter() - start
-    final = _status()
+    final = proc_status()
     return {
         "mode": args.worker,
         "method": args.method,

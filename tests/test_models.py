@@ -110,16 +110,26 @@ def test_efficientnet_lite0_imagenet_weights_recognise_daisies(data_root: Path) 
     assert not model.task_vector_selector()("backbone.bn1.running_mean")
 
 
-def test_mixed_precision_request_off_cuda_is_float32_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+def test_mixed_precision_request_without_bf16_hardware_is_float32_with_a_warning(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from distac.models.inference import bf16_autocast
 
+    monkeypatch.setattr("distac.models.inference.cpu_has_native_bf16", lambda: False)
     with caplog.at_level("WARNING", logger="distac.models"):
         assert bf16_autocast(True, torch.device("cpu")) is False
-    assert "CUDA only" in caplog.text and "cpu" in caplog.text
+    assert "native bf16" in caplog.text and "float32 on cpu" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="distac.models"):
+        assert bf16_autocast(True, torch.device("mps")) is False
+    assert "float32 on mps" in caplog.text
     caplog.clear()
     assert bf16_autocast(False, torch.device("cpu")) is False
     assert bf16_autocast(True, torch.device("cuda")) is True
     assert bf16_autocast(False, torch.device("cuda")) is False
+    monkeypatch.setattr("distac.models.inference.cpu_has_native_bf16", lambda: True)
+    assert bf16_autocast(True, torch.device("cpu")) is True  # AVX-512 BF16 / AMX: autocast pays
+    assert bf16_autocast(False, torch.device("cpu")) is False
     assert caplog.text == ""
 
 
@@ -184,12 +194,28 @@ def test_text_zero_shot_head_is_frozen_class_name_embeddings(
         build_model(ModelSpec("hf-text", str(tiny_bert_dir), 2, task="toy", options={"head": "mlp"}))
 
 
-def test_predict_logits_with_autocast_off_cuda_warns_and_matches_float32(
-    tiny_bert_dir: Path, caplog: pytest.LogCaptureFixture
+def test_predict_logits_with_autocast_without_bf16_hardware_warns_and_matches_float32(
+    tiny_bert_dir: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr("distac.models.inference.cpu_has_native_bf16", lambda: False)
     model = build_model(ModelSpec("hf-text", str(tiny_bert_dir), 2, task="toy"))
     raw = ["one text", "another text"]
     with caplog.at_level("WARNING", logger="distac.models"):
         logits = predict_logits(model, raw, device="cpu", autocast=True)
-    assert "CUDA only" in caplog.text
+    assert "native bf16" in caplog.text
     assert torch.equal(logits, predict_logits(model, raw, device="cpu"))
+
+
+def test_predict_logits_under_cpu_bf16_autocast_is_float32_and_close(
+    tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the CPU has bf16 kernels the request is honoured: logits differ from float32 by bf16
+    rounding only, and come back as float32 like every other prediction."""
+    monkeypatch.setattr("distac.models.inference.cpu_has_native_bf16", lambda: True)
+    model = build_model(ModelSpec("hf-text", str(tiny_bert_dir), 2, task="toy"))
+    raw = ["one text", "another text", "a third, longer text than the others"]
+    mixed = predict_logits(model, raw, device="cpu", autocast=True)
+    exact = predict_logits(model, raw, device="cpu")
+    assert mixed.dtype == torch.float32
+    assert not torch.equal(mixed, exact)  # autocast really ran
+    assert torch.allclose(mixed, exact, atol=0.05, rtol=0.05)

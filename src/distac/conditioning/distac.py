@@ -97,7 +97,7 @@ class ConditionConfig:
     checkpoint_every: int | None = 50
     seed: int = 0
     device: str = "auto"
-    mixed_precision: bool = False  # bf16 autocast, CUDA only (elsewhere: float32 and a warning)
+    mixed_precision: bool = False  # bf16 autocast on CUDA or a CPU with native bf16 (else float32, a warning)
     #: BatchNorm running statistics of the rescaled student: "auto" re-estimates them on unlabeled
     #: inputs when kappa != 1 (models without BatchNorm: nothing to do), "recompute" always, "keep"
     #: never (the teacher's, as before this option existed)

@@ -75,7 +75,7 @@ class FinetuneConfig:
     grad_clip: float | None = 1.0
     seed: int = 0
     device: str = "auto"
-    mixed_precision: bool = False  # bf16 autocast, CUDA only (elsewhere: float32 and a warning)
+    mixed_precision: bool = False  # bf16 autocast on CUDA or a CPU with native bf16 (else float32, a warning)
     max_train_examples: int | None = None
     eval_every: int | None = None
     eval_examples: int = 200
