@@ -123,3 +123,68 @@ def test_image_folder(tmp_path: Path) -> None:
     Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "test" / "bird" / "0.png")
     with pytest.raises(DataError, match="bird"):
         load_image_folder(tmp_path)
+
+
+def test_image_folder_of_mixed_sizes_is_fitted_by_shorter_side_and_centre_crop(tmp_path: Path) -> None:
+    """Real photo datasets mix sizes; they used to be refused. A wide image must be centre-cropped, not
+    squashed: its blue side bands (a third of the width each) are mostly cropped away."""
+    from PIL import Image
+
+    wide = np.zeros((30, 90, 3), dtype=np.uint8)
+    wide[:, :30, 2] = wide[:, 60:, 2] = 255  # blue | red | blue
+    wide[:, 30:60, 0] = 255
+    square = np.full((50, 50, 3), 128, dtype=np.uint8)
+    for split in ("train", "test"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        Image.fromarray(wide).save(tmp_path / split / "a" / "wide.png")
+        Image.fromarray(square).save(tmp_path / split / "a" / "square.png")
+    data = load_image_folder(tmp_path)
+    assert data.test.inputs.shape == (2, 224, 224, 3)  # the default size for mixed sizes
+    fitted = data.test.inputs[list(data.test.inputs.reshape(2, -1).std(1) > 0).index(True)]
+    red_columns = (fitted[112, :, 0] > 200).mean()
+    assert red_columns > 0.9  # a squashed image would show 1/3 red
+    assert load_image_folder(tmp_path, size=20).test.inputs.shape == (2, 20, 20, 3)
+    (tmp_path / "uniform" / "a").mkdir(parents=True)
+    for i in range(10):
+        Image.fromarray(square).save(tmp_path / "uniform" / "a" / f"{i}.png")
+    assert load_image_folder(tmp_path / "uniform").train.inputs.shape[1:] == (50, 50, 3)  # one size: untouched
+
+
+def test_hf_image_dataset_of_mixed_sizes_loads(tmp_path: Path) -> None:
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+    from PIL import Image as PILImage
+
+    features = Features({"image": Image(), "label": ClassLabel(names=["x", "y"])})
+    images = [PILImage.new("L" if i % 2 else "RGB", (20 + i, 24)) for i in range(6)]
+    split = Dataset.from_dict({"image": images, "label": [0, 1] * 3}, features=features)
+    DatasetDict({"train": split, "test": split}).save_to_disk(str(tmp_path / "ds"))
+    data = load_task(str(tmp_path / "ds"))
+    assert data.kind == "image" and data.test.inputs.shape == (6, 224, 224, 3)
+
+
+def test_bare_task_names_find_user_datasets_in_the_data_root(tmp_path: Path, data_root: Path) -> None:
+    """A config's task name resolves in the data root: the shared layout first, then a dataset of the
+    user's own named after the task; the error for neither names both places."""
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for label in ("0", "1"):
+            (tmp_path / "mnist" / split / label).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8)).save(
+                    tmp_path / "mnist" / split / label / f"{i}.png"
+                )
+    (tmp_path / "my_texts").mkdir()
+    for split in ("train", "test"):
+        (tmp_path / "my_texts" / f"{split}.csv").write_text("text_a,label\n" + "good,pos\nbad,neg\n" * 5)
+    from distac.data import available_tasks
+
+    assert available_tasks(tmp_path) == {"mnist": "dataset", "my_texts": "dataset"}
+    mnist = load_task("mnist", tmp_path)  # a shared-data name, in the user's image-folder format
+    assert mnist.name == "mnist" and mnist.train.inputs.shape[1:] == (8, 8, 3) and len(mnist.test) == 6
+    assert load_task("my_texts", tmp_path).class_names == ["neg", "pos"]
+    assert len(load_task("mnist", data_root).train) > 1000  # the shared data's own file wins where it exists
+    with pytest.raises(DataError, match=r"unknown task 'sun397'.*nor is there a dataset .*sun397"):
+        load_task("sun397", tmp_path)
+    with pytest.raises(DataError, match="no such dataset file or directory"):
+        load_task(str(tmp_path / "missing" / "sun397"), tmp_path)

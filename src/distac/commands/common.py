@@ -25,7 +25,11 @@ SET_OPTION = typer.Option(
     [], "--set", help="Override a config value, e.g. --set steps=500 (YAML syntax for the value). Repeatable."
 )
 DATA_ROOT_OPTION = typer.Option(
-    None, "--data-root", help="Directory with text/ and vision/ datasets (default: $DISTAC_DATA or ../shared/data)."
+    None,
+    "--data-root",
+    help="Data root: the shared text/ and vision/ datasets, and datasets of your own named after their "
+    "tasks (<root>/<task>: image folder, HF save_to_disk, train.tsv/.csv; or <root>/<task>.npz). "
+    "Default: $DISTAC_DATA or ../shared/data.",
 )
 DEVICE_OPTION = typer.Option("auto", "--device", help="cpu, cuda, cuda:1 or auto (CUDA when available).")
 

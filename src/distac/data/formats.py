@@ -1,20 +1,72 @@
 """Standard public formats a user already has: CSV/TSV files, HF ``datasets`` saved to disk,
-and image folders (``root/<split>/<class>/*.png``, torchvision ``ImageFolder`` layout)."""
+and image folders (``root/<split>/<class>/*.png``, torchvision ``ImageFolder`` layout).
+
+Images are kept as one uint8 array per split. Real datasets (SUN397, Stanford Cars, DTD...) mix
+image sizes; those are brought to one square size the way evaluation transforms do it (shorter side
+resized, then a centre crop), at ``size`` or, when none is given, :data:`MIXED_SIZE_DEFAULT`: the
+input size of CLIP and ImageNet models, which resize to their own size again anyway.
+"""
 
 from __future__ import annotations
 
 import csv
+import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from distac.data.tasks import Split, TaskData, TextPair, carve_validation
 from distac.errors import DataError
 
+if TYPE_CHECKING:
+    from PIL import Image
+
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm"}
+MIXED_SIZE_DEFAULT = 224
+log = logging.getLogger("distac.data")
+
+
+def stack_images(images: Iterable[object], size: int | None, source: object) -> np.ndarray:
+    """RGB uint8 array (N, H, W, 3) of PIL images or arrays, read one at a time. Same-sized images are
+    stacked as they are unless ``size`` asks otherwise; mixed sizes go to ``size`` (default
+    :data:`MIXED_SIZE_DEFAULT`) by a shorter-side resize and a centre crop, so that no image is
+    squashed out of its aspect ratio. Each image is fitted as it arrives (those before the first
+    odd-sized one when it does), so full-size photos are never all in memory at once."""
+    from PIL import Image
+
+    target, first_size, arrays = size, None, []
+    for image in images:
+        picture = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+        picture = picture if picture.mode == "RGB" else picture.convert("RGB")
+        first_size = first_size or picture.size
+        if target is None and picture.size != first_size:
+            target = MIXED_SIZE_DEFAULT
+            log.info("%s: images of different sizes; fitting them to %d x %d", source, target, target)
+            arrays = [np.asarray(_fit_square(Image.fromarray(array), target)) for array in arrays]
+        if target is not None:
+            picture = _fit_square(picture, target)
+        arrays.append(np.asarray(picture, dtype=np.uint8))
+    if not arrays:
+        raise DataError(f"{source}: no images found")
+    return np.stack(arrays)
+
+
+def _fit_square(picture: Image.Image, size: int) -> Image.Image:
+    """Shorter side to ``size`` (bicubic), then the centre ``size`` x ``size`` crop."""
+    from PIL import Image
+
+    width, height = picture.size
+    if (width, height) == (size, size):
+        return picture
+    scale = size / min(width, height)
+    new_width, new_height = max(size, round(width * scale)), max(size, round(height * scale))
+    picture = picture.resize((new_width, new_height), Image.Resampling.BICUBIC)
+    left, top = (new_width - size) // 2, (new_height - size) // 2
+    return picture.crop((left, top, left + size, top + size))
 
 
 def read_table(
@@ -140,9 +192,11 @@ def load_hf_dataset(
     text_columns: Sequence[str] | None = None,
     image_column: str | None = None,
     label_column: str = "label",
+    size: int | None = None,
     seed: int = 0,
 ) -> TaskData:
-    """A ``datasets.DatasetDict`` saved with ``save_to_disk`` (splits train / validation / test)."""
+    """A ``datasets.DatasetDict`` saved with ``save_to_disk`` (splits train / validation / test);
+    images of mixed sizes are fitted to one (:func:`stack_images`)."""
     try:
         from datasets import load_from_disk
     except ImportError as exc:  # pragma: no cover
@@ -183,13 +237,7 @@ def load_hf_dataset(
         except (TypeError, ValueError, OverflowError) as exc:
             raise DataError(f"{path}: column {label_column!r} must hold integer class labels: {exc}") from exc
         if image_column is not None:
-            images = np.stack(
-                [
-                    np.asarray(img.convert("RGB") if hasattr(img, "convert") else img, dtype=np.uint8)
-                    for img in ds[image_column]
-                ]
-            )  # type: ignore[index]
-            return Split(images, labels)
+            return Split(stack_images(ds[image_column], size, f"{path} [{image_column}]"), labels)  # type: ignore[index]
         cols = [ds[c] for c in text_columns]  # type: ignore[index,union-attr]
         pairs = (
             [(a, b) for a, b in zip(cols[0], cols[1], strict=True)] if len(cols) > 1 else [(a, None) for a in cols[0]]
@@ -215,7 +263,8 @@ def load_hf_dataset(
 
 def load_image_folder(root: str | Path, name: str | None = None, *, size: int | None = None, seed: int = 0) -> TaskData:
     """``root/train/<class>/*.png`` and ``root/test/<class>/...`` (optional ``val``), or a flat
-    ``root/<class>/...`` that is split 70/10/20 with a fixed seed."""
+    ``root/<class>/...`` that is split 70/10/20 with a fixed seed. Images of mixed sizes are fitted
+    to one (:func:`stack_images`); pass ``size`` to choose it, or to shrink large photos as they load."""
     from PIL import Image
 
     root = Path(root)
@@ -228,25 +277,22 @@ def load_image_folder(root: str | Path, name: str | None = None, *, size: int | 
         unknown = [d.name for d in class_dirs if d.name not in names]
         if unknown:
             raise DataError(f"{directory}: class folders {unknown} do not appear in the training split")
-        images, labels = [], []
-        for d in class_dirs:
-            for file in sorted(d.iterdir()):
-                if file.suffix.lower() in IMAGE_SUFFIXES:
-                    try:
-                        with Image.open(file) as opened:
-                            img = opened.convert("RGB")
-                    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-                        raise DataError(f"{file}: not a readable image: {exc}") from exc
-                    if size is not None:
-                        img = img.resize((size, size))
-                    images.append(np.asarray(img, dtype=np.uint8))
-                    labels.append(names.index(d.name))
-        if not images:
-            raise DataError(f"{directory}: no images found")
-        shapes = {im.shape for im in images}
-        if len(shapes) > 1:
-            raise DataError(f"{directory}: images have different sizes {sorted(shapes)[:3]}; pass size=")
-        return Split(np.stack(images), np.array(labels)), names
+        files = [
+            (file, names.index(d.name))
+            for d in class_dirs
+            for file in sorted(d.iterdir())
+            if file.suffix.lower() in IMAGE_SUFFIXES
+        ]
+
+        def read(file: Path) -> Image.Image:
+            try:
+                with Image.open(file) as opened:
+                    return opened.convert("RGB")
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                raise DataError(f"{file}: not a readable image: {exc}") from exc
+
+        images = stack_images((read(file) for file, _ in files), size, directory)
+        return Split(images, np.array([label for _, label in files], dtype=np.int64)), names
 
     if (root / "train").is_dir():
         train, classes = read_split(root / "train", None)

@@ -90,10 +90,25 @@ def canonical_task(name: str) -> str:
 
 
 def available_tasks(root: str | Path | None = None) -> dict[str, str]:
+    """Task name -> where it lives: ``text`` / ``image`` for the shared data's tasks, ``dataset`` for a
+    user's dataset named after its task (``<root>/<name>`` or ``<root>/<name>.npz``, see ``load_task``)."""
     root = Path(root) if root else default_data_root()
     out = {t: "text" for t in TEXT_TASKS if (root / "text" / t / "train.tsv").is_file()}
     out.update({t: "image" for t, f in VISION_TASKS.items() if (root / "vision" / f).is_file()})
+    for entry in sorted(root.iterdir()) if root.is_dir() else []:
+        name = entry.stem if entry.suffix == ".npz" else entry.name
+        own = entry.suffix == ".npz" or (entry.is_dir() and entry.name not in ("text", "vision"))
+        if own and not name.startswith(".") and name not in out:
+            out[name] = "dataset"
     return out
+
+
+def shared_task_present(name: str, root: Path) -> bool:
+    """Whether ``root`` holds task ``name`` in the shared data's own layout."""
+    name = canonical_task(name)
+    if name in VISION_TASKS:
+        return (root / "vision" / VISION_TASKS[name]).is_file()
+    return (root / "text" / name / "train.tsv").is_file()
 
 
 def load_shared_task(name: str, root: str | Path | None = None) -> TaskData:
