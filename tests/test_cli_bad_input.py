@@ -100,9 +100,33 @@ def test_a_backbone_that_cannot_be_found_is_a_clear_error(
     spec["backbone"] = "no/such/backbone"  # e.g. a relative path written by an older version
     (moved / "distac_model.json").write_text(json.dumps(spec))
     _fails(["diagnose", str(moved), "--examples", "8", *_data(data_root)],
-           "'no/such/backbone'", "cannot load the backbone")  # fmt: skip
+           "'no/such/backbone'", "no such file or directory")  # fmt: skip
     _fails(["finetune", "--task", "sst2", "--backbone", str(tmp_path / "nowhere"), "-o", str(tmp_path / "o"),
-            "--steps", "1"], "nowhere", "cannot load the backbone")  # fmt: skip
+            "--steps", "1"], "nowhere", "no such file or directory")  # fmt: skip
+    spec["backbone"] = "nosuchorg/nosuchmodel"  # a hub id that is not cached (offline)
+    (moved / "distac_model.json").write_text(json.dumps(spec))
+    _fails(["diagnose", str(moved), "--examples", "8", *_data(data_root)],
+           "'nosuchorg/nosuchmodel'", "cannot load the backbone")  # fmt: skip
+
+
+def test_a_backbone_without_tokenizer_files_is_refused_and_max_length_fits_the_positions(
+    tiny_bert_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from distac.models import ModelSpec, build_model
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_bert_dir / name, bare / name)
+    _fails(
+        ["finetune", "--task", "sst2", "--backbone", str(bare), "-o", str(tmp_path / "o"), "--steps", "1"],
+        "no tokenizer files",
+    )  # fmt: skip (it used to train on a 5-token tokenizer: every word [UNK])
+    with caplog.at_level("WARNING", logger="distac.models"):
+        model = build_model(ModelSpec("hf-text", str(tiny_bert_dir), 2, task="sst2", options={"max_length": 512}))
+    assert model.max_length == 128 and "exceeds the 128 positions" in caplog.text
+    long_text = " ".join(["word"] * 400)
+    assert model(model.encode([long_text])).shape == (1, 2)  # used to crash past the position embeddings
 
 
 def test_a_task_name_means_the_task_even_beside_a_folder_of_that_name(
@@ -166,11 +190,17 @@ def test_nonsense_counts_and_devices_are_refused(models: dict[str, Path], tmp_pa
     sources = [str(models["sst2"]), str(models["trec"])]
     _fails(["evaluate", sources[0], "--examples", "0", *_data(data_root)], "at least 1")
     _fails(["diagnose", *sources, "--examples", "-5", *_data(data_root)], "--examples must be at least 1")
+    _fails(["diagnose", *sources, sources[0], *_data(data_root)], "a source is given more than once")
     _fails(["merge", *sources, "-m", "ties", "--search", "--validation-examples", "-3", "-o", str(tmp_path / "x"),
             *_data(data_root)], "--validation-examples must be at least 1")  # fmt: skip
     _fails(["merge", *sources, "-m", "ties", "--max-shard-size", "0", "-o", str(tmp_path / "x")], "positive size")
     _fails(["finetune", "--task", "sst2", "-o", str(tmp_path / "f"), "--train-examples", "0"], "--train-examples")
     _fails(["evaluate", *sources, "--individual", sources[0], *_data(data_root)], "got 1 for 2")
+    _fails(  # a reference model of another task made "normalized" a meaningless number
+        ["evaluate", sources[0], "--individual", sources[1], *_data(data_root)],
+        "is a model for task 'trec', but",
+        "evaluated on 'sst2'",
+    )
     _fails(
         ["evaluate", sources[0], "--device", "bogus", "--data-root", str(data_root)], "'bogus' is not a torch device"
     )

@@ -188,3 +188,24 @@ def test_bare_task_names_find_user_datasets_in_the_data_root(tmp_path: Path, dat
         load_task("sun397", tmp_path)
     with pytest.raises(DataError, match="no such dataset file or directory"):
         load_task(str(tmp_path / "missing" / "sun397"), tmp_path)
+
+
+def test_tasks_command_lists_a_roots_own_datasets_and_names_unusable_folders(tmp_path: Path) -> None:
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from distac.cli import app
+
+    for split in ("train", "test"):
+        for label in ("a", "b"):
+            (tmp_path / "pets" / split / label).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((8, 8, 3), 30 * i, dtype=np.uint8)).save(
+                    tmp_path / "pets" / split / label / f"{i}.png"
+                )
+    (tmp_path / "junk").mkdir()
+    result = CliRunner().invoke(app, ["tasks", "--data-root", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "pets" in result.output and "not a usable dataset: junk" in result.output
+    missing = CliRunner().invoke(app, ["tasks", "--data-root", str(tmp_path / "nowhere")])
+    assert isinstance(missing.exception, DataError) and "no such data directory" in str(missing.exception)

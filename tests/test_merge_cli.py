@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from distac.checkpoints import load_state_dict, save_state_dict
 from distac.cli import app
 from distac.commands.merge import parse_grid, parse_size
+from distac.errors import DistacError
 
 runner = CliRunner()
 
@@ -108,3 +109,79 @@ def test_size_and_grid_parsing() -> None:
     assert parse_grid("0:1:0.25") == [0.0, 0.25, 0.5, 0.75, 1.0]
     with pytest.raises(Exception, match="start:stop:step"):
         parse_grid("0-1")
+
+
+def _merge(args: list[str]) -> tuple[int, str]:
+    result = runner.invoke(app, ["merge", *args])
+    """(exit code as the CLI's users see it, message): a DistacError is exit 2 in ``distac.cli.main``."""
+    message = " ".join(result.output.replace("│", " ").split())
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        assert isinstance(result.exception, DistacError), repr(result.exception)
+        return 2, f"{message} {result.exception}"
+    return result.exit_code, message
+
+
+def test_an_existing_directory_of_the_users_is_never_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The output directory is swapped in whole; it used to delete whatever was there (an audit found a
+    user's notes gone, and `-o .` crash after the merge). Now only an empty folder or an earlier distac
+    output is replaced, and the refusal comes before any work."""
+    pre_dir, fts, _, _ = _write_sources(tmp_path)
+    base = [*map(str, fts), "-m", "task_arithmetic", "-p", str(pre_dir)]
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("do not lose me")
+    code, message = _merge([*base, "-o", str(mine)])
+    assert code == 2 and "holds files distac did not write (notes.txt, sub)" in message, message
+    assert (mine / "notes.txt").read_text() == "do not lose me" and (mine / "sub").is_dir()
+
+    monkeypatch.chdir(mine)
+    code, message = _merge([*base, "-o", "."])
+    assert code == 2 and "is the working directory or contains it" in message, message
+    monkeypatch.chdir(tmp_path)
+
+    (tmp_path / "empty").mkdir()
+    assert _merge([*base, "-o", str(tmp_path / "empty")])[0] == 0  # an empty folder is fine
+    assert (tmp_path / "empty" / ".distac_output").is_file()
+    assert _merge([*base, "-l", "0.5", "-o", str(tmp_path / "empty")])[0] == 0  # so is distac's own output
+    assert json.loads((tmp_path / "empty" / "merge.json").read_text())["coefficient"] == 0.5
+    assert _merge([*map(str, fts), "-m", "emr", "-p", str(pre_dir), "-o", str(tmp_path / "emr")])[0] == 0
+    (tmp_path / "emr" / ".distac_output").unlink()  # an output from before the marker: per-task merge.json
+    assert _merge([*map(str, fts), "-m", "emr", "-p", str(pre_dir), "-o", str(tmp_path / "emr")])[0] == 0
+
+
+def test_task_names_cannot_leave_the_output_directory(tmp_path: Path) -> None:
+    pre_dir, fts, _, _ = _write_sources(tmp_path)
+    base = [*map(str, fts[:2]), "-m", "tall_masks", "-p", str(pre_dir), "-o", str(tmp_path / "out")]
+    for names in (["../escaped", "b"], [str(tmp_path / "victim"), "b"], [".", "b"]):
+        code, message = _merge([*base, "--name", names[0], "--name", names[1]])
+        assert code == 2 and "plain folder names" in message, (names, message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ft0", "ft1", "ft2", "pre"]
+
+
+def test_include_and_exclude_add_to_the_default_exclusions(tmp_path: Path) -> None:
+    """--exclude of one layer used to replace the default exclusions, so classifier heads got merged."""
+    pre_dir, fts, pre, states = _write_sources(tmp_path)
+    base = [*map(str, fts), "-m", "task_arithmetic", "-p", str(pre_dir), "-l", "0.3"]
+    assert _merge([*base, "--exclude", "encoder.0.bias", "-o", str(tmp_path / "out")])[0] == 0
+    merged = load_state_dict(tmp_path / "out")
+    assert torch.equal(merged["classifier.weight"], pre["classifier.weight"])  # the head stays theta_pre's
+    assert torch.equal(merged["encoder.0.bias"], pre["encoder.0.bias"])  # excluded by the user
+    expected = pre["encoder.0.weight"] + 0.3 * sum(s["encoder.0.weight"] - pre["encoder.0.weight"] for s in states)
+    assert torch.allclose(merged["encoder.0.weight"], expected, atol=1e-6)
+
+
+def test_flags_that_would_be_ignored_are_refused(tmp_path: Path) -> None:
+    pre_dir, fts, _, _ = _write_sources(tmp_path)
+    base = [*map(str, fts), "-m", "task_arithmetic", "-p", str(pre_dir), "-o", str(tmp_path / "out")]
+    cases = [
+        (["--device", "tpu"], "not a torch device"),
+        (["--device", "cuda:7"], "CUDA device"),
+        (["--streaming", "--search"], "--streaming cannot"),
+        (["--search", "-l", "0.3"], "--search chooses lambda itself"),
+        (["--grid", "0:1:0.1"], "add --search or drop --grid"),
+    ]
+    for flags, needle in cases:
+        code, message = _merge([*base, *flags])
+        assert code == 2 and needle in message, (flags, message)
+    assert not (tmp_path / "out").exists()
+    assert _merge([*base, "--device", "cpu"])[0] == 0

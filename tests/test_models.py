@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from distac.errors import DataError
+from distac.errors import CheckpointError, ConfigError, DataError
 from distac.models import ModelSpec, build_model, load_model, save_model
 from distac.models.inference import predict_logits
 
@@ -219,3 +220,53 @@ def test_predict_logits_under_cpu_bf16_autocast_is_float32_and_close(
     assert mixed.dtype == torch.float32
     assert not torch.equal(mixed, exact)  # autocast really ran
     assert torch.allclose(mixed, exact, atol=0.05, rtol=0.05)
+
+
+def _timm_hub_directory(directory: Path, arch: str = "test_resnet") -> dict[str, torch.Tensor]:
+    """A local timm model directory as the hub has them: config.json naming the architecture, and
+    model.safetensors with the (here: seeded random) "pretrained" weights, classifier included."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from distac._compat import import_timm
+
+    torch.manual_seed(1)
+    model = import_timm().create_model(arch, num_classes=7)
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps({"architecture": arch, "num_classes": 7}))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, directory / "model.safetensors")
+    return state
+
+
+def test_a_named_timm_backbone_without_weights_is_refused_not_random() -> None:
+    """It used to build a randomly initialised backbone, a different one per call, so theta_pre (and every
+    task vector) differed between commands."""
+    with pytest.raises(CheckpointError, match="no pretrained weights here"):
+        build_model(ModelSpec("timm", "test_resnet", 3, task="toy"))
+    with pytest.raises(CheckpointError, match="no pretrained weights here"):
+        build_model(ModelSpec("timm", "torchvision:resnet18", 3, task="toy"))
+    with pytest.raises(ConfigError, match="no_such_net"):
+        build_model(ModelSpec("timm", "no_such_net", 3, task="toy", options={"weights": "hub"}))
+    with pytest.raises(CheckpointError, match="config.json"):
+        build_model(ModelSpec("timm", str(Path(__file__)), 3, task="toy"))  # a file is no timm directory
+
+
+def test_a_local_timm_directory_is_a_backbone_with_its_weights(tmp_path: Path) -> None:
+    state = _timm_hub_directory(tmp_path / "timm_resnet")
+    spec = ModelSpec("timm", str(tmp_path / "timm_resnet"), 3, task="toy")
+    first, second = build_model(spec), build_model(spec)
+    backbone = first.backbone.state_dict()
+    assert all(torch.equal(backbone[k], state[k]) for k in backbone)  # the directory's weights, not random ones
+    assert all(torch.equal(v, second.backbone.state_dict()[k]) for k, v in backbone.items())
+    # the same weights given as a file to the named architecture
+    weights = str(tmp_path / "timm_resnet" / "model.safetensors")
+    named = build_model(ModelSpec("timm", "test_resnet", 3, task="toy", options={"weights": weights}))
+    assert all(torch.equal(v, named.backbone.state_dict()[k]) for k, v in backbone.items())
+    # a saved fine-tuned model loads without the backbone directory
+    save_model(first, tmp_path / "saved")
+    shutil.rmtree(tmp_path / "timm_resnet")
+    again = load_model(tmp_path / "saved")
+    images = np.random.default_rng(0).integers(0, 255, (2, 40, 40, 3), dtype=np.uint8)
+    assert torch.allclose(predict_logits(again, images), predict_logits(first, images), atol=1e-6)

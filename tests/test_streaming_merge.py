@@ -286,14 +286,21 @@ def test_interrupted_write_leaves_no_partial_output(bert_sources, tmp_path: Path
         streaming_merge(pre_dir, sources, method="task_arithmetic", output=tmp_path / "out", max_shard_bytes=40_000)
     assert list(tmp_path.iterdir()) == []
 
-    # an existing output survives an interrupted overwrite untouched
+    # an existing (distac) output survives an interrupted overwrite untouched
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "keep.txt").write_text("old")
+    (tmp_path / "out" / "merge.json").write_text("{}")
     calls["n"] = 0
     with pytest.raises(KeyboardInterrupt):
         streaming_merge(pre_dir, sources, method="task_arithmetic", output=tmp_path / "out", max_shard_bytes=40_000)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["merge.json"]
+    # and a directory of the user's own is never replaced
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    monkeypatch.setattr(streaming._ShardWriter, "write", original)
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        streaming_merge(pre_dir, sources, method="task_arithmetic", output=tmp_path / "mine")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
 
 
 @pytest.mark.parametrize(

@@ -54,20 +54,56 @@ def atomic_write_with(target: str | os.PathLike[str], writer: Callable[[Path], N
     return Path(target)
 
 
+#: Written into every directory :func:`atomic_directory` builds: the sign that distac may replace it.
+OUTPUT_MARKER = ".distac_output"
+#: Files that mark a directory written by distac before the marker existed (model spec, merge record).
+_LEGACY_OUTPUT_FILES = ("distac_model.json", "merge.json")
+
+
+def is_replaceable_output(directory: Path) -> bool:
+    """Whether an existing directory may be swapped for a new output: it is empty, or distac wrote it
+    (its marker, or a model spec / merge record at the top or one level down, for per-task merges)."""
+    entries = list(directory.iterdir())
+    if not entries or (directory / OUTPUT_MARKER).is_file():
+        return True
+    tops = [directory, *(entry for entry in entries if entry.is_dir())]
+    return any((top / name).is_file() for top in tops for name in _LEGACY_OUTPUT_FILES)
+
+
+def replacement_problem(target: Path) -> str | None:
+    """Why ``target`` must not be replaced by an output directory, or None if it may be."""
+    resolved = target.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        return "is the working directory or contains it"
+    if not target.exists():
+        return None
+    if not target.is_dir():
+        return "exists and is not a directory"
+    if not is_replaceable_output(target):
+        names = sorted(entry.name for entry in target.iterdir())
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        return f"exists and holds files distac did not write ({shown})"
+    return None
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Build a whole output directory in a temporary sibling, then swap it into place.
 
-    If ``target`` exists it is replaced only after the new directory is complete.
+    If ``target`` exists it is replaced only after the new directory is complete, and only if it is
+    empty or an earlier distac output: a user's own directory is never deleted (FileExistsError).
     """
     target = Path(target)
-    if target.exists() and not target.is_dir():  # a user's file is never swapped for a directory
-        raise FileExistsError(f"{target}: exists and is not a directory; refusing to replace it with one")
+    problem = replacement_problem(target)
+    if problem:
+        raise FileExistsError(f"{target}: {problem}; refusing to replace it. Choose another output")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; as os.mkdir would
     try:
         yield tmp
+        (tmp / OUTPUT_MARKER).write_text("written by distac; it may replace this directory\n", encoding="utf-8")
         if target.exists():
             backup = target.with_name(f".{target.name}.old")
             if backup.exists():

@@ -393,7 +393,11 @@ def check_output_path(
       output equal to an input, or containing one, would delete that input;
     * a directory output where a file is (it would be replaced by a directory), or a file output
       where a directory is (``kind``: ``directory`` or ``file``);
-    * one below a regular file, which no command could create."""
+    * one below a regular file, which no command could create;
+    * a directory output over the working directory, or over a directory distac did not write (the
+      swap would delete the user's files: :func:`distac.atomic.replacement_problem`)."""
+    from distac.atomic import replacement_problem
+
     target = Path(output).resolve()
     for parent in target.parents:
         if parent.exists():
@@ -416,6 +420,10 @@ def check_output_path(
                 f"{output}: refusing to write the output over the input {item} "
                 f"({'the same path' if source == target else 'it lies inside the output'}); choose another output"
             )
+    if kind == "directory":
+        problem = replacement_problem(Path(output))
+        if problem:
+            raise CheckpointError(f"{output}: {problem}; refusing to replace it. Choose another output")
 
 
 def load_state_dict(

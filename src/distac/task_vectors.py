@@ -55,6 +55,16 @@ class ParameterSelector:
         return not any(fnmatch.fnmatchcase(key, p) for p in self.exclude)
 
     @classmethod
+    def from_patterns(cls, include: Iterable[str] = (), exclude: Iterable[str] = ()) -> ParameterSelector | None:
+        """The selector of the CLI's ``--include`` / ``--exclude``: ``include`` narrows the selection,
+        ``exclude`` adds to the default exclusions (heads, BatchNorm statistics), which stay: a user
+        excluding one more layer must not get merged classifier heads for it. None without patterns."""
+        include, exclude = tuple(include), tuple(exclude)
+        if not (include or exclude):
+            return None
+        return cls(include=include, exclude=DEFAULT_HEAD_PATTERNS + DEFAULT_STATISTIC_PATTERNS + exclude)
+
+    @classmethod
     def backbone_only(cls, prefix: str = "backbone.") -> ParameterSelector:
         return cls(include=(f"{prefix}*",), exclude=DEFAULT_STATISTIC_PATTERNS)
 

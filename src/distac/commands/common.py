@@ -24,6 +24,17 @@ CONFIG_OPTION = typer.Option(None, "--config", "-c", help="YAML config file; fla
 SET_OPTION = typer.Option(
     [], "--set", help="Override a config value, e.g. --set steps=500 (YAML syntax for the value). Repeatable."
 )
+#: ``merge``'s --set: hyperparameters of the merging method.
+METHOD_SET_OPTION = typer.Option(
+    [], "--set", help="A hyperparameter of the method, e.g. --set density=0.2 for ties (YAML value). Repeatable."
+)
+#: ``experiment`` / ``demo``'s --set: keys of the experiment config, dotted into its sections.
+EXPERIMENT_SET_OPTION = typer.Option(
+    [],
+    "--set",
+    help="Override an experiment-config value, e.g. --set condition.steps=500 or --set seed=1 (YAML value). "
+    "Repeatable.",
+)
 DATA_ROOT_OPTION = typer.Option(
     None,
     "--data-root",

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import typer
 
-from distac.commands.common import DATA_ROOT_OPTION, SET_OPTION, console, echo, print_table
+from distac.commands.common import DATA_ROOT_OPTION, EXPERIMENT_SET_OPTION, console, echo, print_table
 
 
 def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo(
         run_dir: Path = typer.Option(Path("runs/demo"), "--run-dir", help="Working directory (resumable)."),
-        overrides: list[str] = SET_OPTION,
+        overrides: list[str] = EXPERIMENT_SET_OPTION,
         data_root: Path | None = DATA_ROOT_OPTION,
     ) -> None:
         """Diagnose -> condition -> merge -> evaluate on real MiniLM text tasks; prints the table."""

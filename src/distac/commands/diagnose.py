@@ -39,6 +39,10 @@ def register(app: typer.Typer) -> None:
             check_output_path(output)
         if examples < 1:
             raise typer.BadParameter(f"--examples must be at least 1, got {examples}")
+        resolved = [p.resolve() for p in sources]
+        twice = sorted({str(p) for p, r in zip(sources, resolved, strict=True) if resolved.count(r) > 1})
+        if twice:  # a duplicate would count twice in the norm disparity and the flags
+            raise typer.BadParameter(f"a source is given more than once: {twice}")
         models = [load_model(p) for p in sources]
         check_same_backbone({str(p): m for p, m in zip(sources, models, strict=True)})
         pretrained = backbone_state(build_model(models[0].spec))

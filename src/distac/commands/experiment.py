@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from distac.commands.common import DATA_ROOT_OPTION, SET_OPTION, console, echo
+from distac.commands.common import DATA_ROOT_OPTION, EXPERIMENT_SET_OPTION, console, echo
 
 
 def register(app: typer.Typer) -> None:
@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
         study: list[str] = typer.Option(
             [], "--study", help="Run only these studies (repeatable; 'none' for none; default: all in the config)."
         ),
-        overrides: list[str] = SET_OPTION,
+        overrides: list[str] = EXPERIMENT_SET_OPTION,
         data_root: Path | None = DATA_ROOT_OPTION,
         list_only: bool = typer.Option(False, "--list", help="List the bundled experiments and exit."),
     ) -> None:

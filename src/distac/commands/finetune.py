@@ -16,7 +16,10 @@ def register(app: typer.Typer) -> None:
         output: Path = typer.Option(..., "--output", "-o", help="Output distac model directory."),
         family: str = typer.Option("hf-text", "--family", help="Model family: hf-text, clip or timm."),
         backbone: str = typer.Option(
-            "all-MiniLM-L6-v2", "--backbone", help="Backbone: HF dir/name, CLIP dir, timm name or efficientnet-lite0."
+            "all-MiniLM-L6-v2",
+            "--backbone",
+            help="Backbone: HF dir/name, CLIP dir, efficientnet-lite0, a local timm model directory, or a timm / "
+            "torchvision:<name> with --backbone-weights.",
         ),
         steps: int | None = typer.Option(None, help="Optimizer steps (default 200)."),
         lr: float | None = typer.Option(None, help="Peak learning rate (a 10x value makes a long task vector)."),
@@ -28,6 +31,12 @@ def register(app: typer.Typer) -> None:
         gamma: float | None = typer.Option(None, help="Focal-loss gamma."),
         max_length: int = typer.Option(128, help="Max tokens per text example."),
         image_size: int | None = typer.Option(None, help="Resize images to this size (default: the backbone's)."),
+        backbone_weights: str | None = typer.Option(
+            None,
+            "--backbone-weights",
+            help="timm / torchvision: the pretrained weights of a named backbone (a state-dict file, read without "
+            "pickle), or 'hub' to download them. Not needed for efficientnet-lite0 or a local timm model directory.",
+        ),
         train_examples: int | None = typer.Option(None, help="Use at most this many training examples."),
         seed: int | None = typer.Option(None, help="Random seed."),
         head: str | None = typer.Option(
@@ -82,6 +91,11 @@ def register(app: typer.Typer) -> None:
         options = {"max_length": max_length} if family == "hf-text" else {}
         if image_size:
             options["image_size"] = image_size
+        if backbone_weights:
+            if family != "timm":
+                raise typer.BadParameter("--backbone-weights is for --family timm (timm and torchvision backbones)")
+            weights_path = Path(backbone_weights).expanduser()
+            options["weights"] = str(weights_path.resolve()) if weights_path.exists() else backbone_weights
         spec = ModelSpec(
             family,
             resolve_backbone(backbone),

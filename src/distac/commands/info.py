@@ -14,14 +14,23 @@ def register(app: typer.Typer) -> None:
     @app.command("tasks")
     def tasks(data_root: Path | None = DATA_ROOT_OPTION) -> None:
         """List the real tasks found in the data directory with their split sizes."""
-        from distac.data import available_tasks, load_task
+        from distac.data import available_tasks, default_data_root, load_task
+        from distac.errors import DataError
 
-        rows = []
-        for name in available_tasks(data_root):
-            data = load_task(name, data_root)
-            s = data.summary()
+        root = data_root or default_data_root()
+        if not root.is_dir():
+            raise DataError(f"{root}: no such data directory")
+        rows, problems = [], []
+        for name in available_tasks(root):
+            try:
+                s = load_task(name, root).summary()
+            except DataError as error:  # one unreadable folder must not hide the other tasks
+                problems.append(f"{name}: {error}")
+                continue
             rows.append([name, s["kind"], s["classes"], s["metric"], s["train"], s["validation"], s["test"]])
         print_table("tasks", ["task", "kind", "classes", "metric", "train", "validation", "test"], rows)
+        for problem in problems:
+            console.print(f"not a usable dataset: {problem}", markup=False)
 
     @app.command("inspect")
     def inspect(
@@ -52,7 +61,7 @@ def register(app: typer.Typer) -> None:
         output: Path | None = typer.Option(None, "--output", "-o", help="Save tau as a safetensors directory."),
         include: list[str] = typer.Option([], "--include", help="Glob of parameters to include (repeatable)."),
         exclude: list[str] = typer.Option(
-            [], "--exclude", help="Glob of parameters to exclude (repeatable; default: heads and BN statistics)."
+            [], "--exclude", help="Glob of parameters to exclude (repeatable), besides heads and BN statistics."
         ),
         json_out: Path | None = typer.Option(None, "--json", help="Write norms to this JSON file."),
         top: int = typer.Option(15, help="Show the layers with the largest update norms."),
@@ -65,7 +74,7 @@ def register(app: typer.Typer) -> None:
             check_output_path(output, [pretrained, finetuned])
         if json_out is not None:
             check_output_path(json_out, [pretrained, finetuned], kind="file")
-        selector = ParameterSelector(include=tuple(include), exclude=tuple(exclude)) if (include or exclude) else None
+        selector = ParameterSelector.from_patterns(include, exclude)
         tv = TaskVector.from_checkpoints(pretrained, finetuned, selector)
         layers = tv.layer_norms()
         console.print(

@@ -16,13 +16,14 @@ Two kinds of input:
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from distac.commands.common import DATA_ROOT_OPTION, DEVICE_OPTION, SET_OPTION, console, print_table
+from distac.commands.common import DATA_ROOT_OPTION, DEVICE_OPTION, METHOD_SET_OPTION, console, print_table
 
 
 def register(app: typer.Typer) -> None:
@@ -40,10 +41,12 @@ def register(app: typer.Typer) -> None:
         search: bool = typer.Option(
             False, "--search", help="Choose lambda on validation data over --grid (distac model dirs only)."
         ),
-        grid: str = typer.Option("0:1:0.05", "--grid", help="Coefficient grid start:stop:step for --search."),
-        hyper: list[str] = SET_OPTION,
+        grid: str = typer.Option(DEFAULT_GRID, "--grid", help="Coefficient grid start:stop:step for --search."),
+        hyper: list[str] = METHOD_SET_OPTION,
         include: list[str] = typer.Option([], "--include", help="Glob of parameters to merge (repeatable)."),
-        exclude: list[str] = typer.Option([], "--exclude", help="Glob of parameters never merged (repeatable)."),
+        exclude: list[str] = typer.Option(
+            [], "--exclude", help="Glob of parameters never merged (repeatable), besides heads and BN statistics."
+        ),
         names: list[str] = typer.Option(
             [], "--name", help="Task names for the sources, in order (default: dir names)."
         ),
@@ -67,6 +70,7 @@ def register(app: typer.Typer) -> None:
         from distac.checkpoints import check_output_path, validate_checkpoint
         from distac.config import apply_overrides
         from distac.merging.registry import get_method
+        from distac.models.base import SPEC_FILE
         from distac.models.batchnorm import BATCHNORM_CHOICES
 
         if batchnorm_statistics not in BATCHNORM_CHOICES:
@@ -87,7 +91,12 @@ def register(app: typer.Typer) -> None:
         twice = sorted({str(p) for p, r in zip(finetuned, resolved, strict=True) if resolved.count(r) > 1})
         if twice:
             raise typer.BadParameter(f"a source is given more than once: {twice}")
-        task_names = names or [p.name for p in finetuned]
+        task_names = names or [Path(os.path.abspath(p)).name for p in finetuned]  # '.' names its folder
+        bad_names = [n for n in task_names if not _is_plain_name(n)]
+        if bad_names:  # names become output sub-directories (per-task methods) and JSON keys
+            raise typer.BadParameter(
+                f"task names must be plain folder names (no '/', not '.' or '..', not hidden): {bad_names}"
+            )
         if names and (len(task_names) != len(finetuned) or len(set(task_names)) != len(task_names)):
             raise typer.BadParameter("--name must be given once per source, with distinct names")
         if not names and len(set(task_names)) != len(task_names):
@@ -96,12 +105,19 @@ def register(app: typer.Typer) -> None:
                 f"sources share the folder name(s) {shared}, which name their tasks in the output: "
                 "name each source with --name"
             )
+        distac_models = all((p / SPEC_FILE).is_file() for p in finetuned)
+        _check_flag_combinations(
+            streaming=streaming,
+            search=search,
+            coefficient=coefficient,
+            grid=grid,
+            device=device,
+            patterns=bool(include or exclude),
+            distac_models=distac_models,
+        )
         shard_bytes = parse_size(max_shard_size)
         if validation_examples is not None and validation_examples < 1:
             raise typer.BadParameter(f"--validation-examples must be at least 1, got {validation_examples}")
-        from distac.models.base import SPEC_FILE
-
-        distac_models = all((p / SPEC_FILE).is_file() for p in finetuned)
         if streaming:
             record = _streaming(
                 pretrained,
@@ -147,8 +163,45 @@ def register(app: typer.Typer) -> None:
                 include,
                 exclude,
                 shard_bytes,
+                device,
             )
         console.print(f"merged {len(finetuned)} sources with {method} (lambda={record['coefficient']}) -> {output}")
+
+
+def _is_plain_name(name: str) -> bool:
+    return bool(name) and Path(name).name == name and name not in (".", "..") and not name.startswith(".")
+
+
+DEFAULT_GRID = "0:1:0.05"
+
+
+def _check_flag_combinations(
+    *,
+    streaming: bool,
+    search: bool,
+    coefficient: float | None,
+    grid: str,
+    device: str,
+    patterns: bool,
+    distac_models: bool,
+) -> None:
+    """Refuse flags that would be silently ignored, before any work."""
+    from distac.models.inference import pick_device
+
+    pick_device(device)  # a device this machine does not have is an error, whatever the path
+    if search and streaming:
+        raise typer.BadParameter("--search evaluates merged models on validation data; --streaming cannot")
+    if search and coefficient is not None:
+        raise typer.BadParameter("--search chooses lambda itself; drop --coefficient/-l, or drop --search")
+    if grid != DEFAULT_GRID and not search:
+        raise typer.BadParameter("--grid is the coefficient grid of --search; add --search or drop --grid")
+    if streaming and device not in ("auto", "cpu"):
+        raise typer.BadParameter(f"--streaming merges tensor by tensor on the CPU; drop --device {device}")
+    if patterns and distac_models and not streaming:
+        raise typer.BadParameter(
+            "--include/--exclude apply to plain checkpoints; distac model directories merge their backbone "
+            "(heads and BatchNorm statistics stay per task)"
+        )
 
 
 def parse_size(text: str) -> int:
@@ -227,15 +280,21 @@ def _merge_checkpoints(
     include: list[str],
     exclude: list[str],
     shard_bytes: int,
+    device: str = "cpu",
 ) -> dict[str, Any]:
+    """Load theta_pre and every source, merge their task vectors on ``device`` (TSV-M, Iso-CTS and
+    WUDI are much faster on a GPU), and save the merged model(s) from the CPU."""
     from distac.atomic import atomic_directory
     from distac.checkpoints import check_state_finite, load_state_dict, save_state_dict
-    from distac.merging.base import apply_merge
+    from distac.merging.base import MergeResult, apply_merge
     from distac.merging.registry import get_method
+    from distac.models.inference import pick_device
     from distac.peft_sources import load_source
     from distac.task_vectors import ParameterSelector, TaskVector
 
-    selector = ParameterSelector(include=tuple(include), exclude=tuple(exclude)) if (include or exclude) else None
+    target = pick_device(device)
+
+    selector = ParameterSelector.from_patterns(include, exclude)
     start = time.perf_counter()
     pre = load_state_dict(pretrained)
     vectors = []
@@ -248,7 +307,18 @@ def _merge_checkpoints(
             ).deltas
         )
     merger = get_method(method, **hyper)
-    result = merger.merge(vectors, task_names=names, pretrained=pre)
+    if target.type == "cpu":
+        result = merger.merge(vectors, task_names=names, pretrained=pre)
+    else:
+        moved = [{k: v.to(target) for k, v in vector.items()} for vector in vectors]
+        result = merger.merge(moved, task_names=names, pretrained={k: v.to(target) for k, v in pre.items()})
+        del moved
+
+        def cpu(state: dict[str, Any]) -> dict[str, Any]:
+            return {k: v.cpu() for k, v in state.items()}
+
+        per_task = {t: cpu(update) for t, update in result.per_task.items()} if result.per_task else None
+        result = MergeResult(cpu(result.task_vector), per_task, result.info)
     coef = merger.default_coefficient if coefficient is None else coefficient
     record = _record(
         method,
@@ -402,7 +472,7 @@ def _streaming(
     from distac.merging.streaming import streaming_merge
     from distac.task_vectors import ParameterSelector
 
-    selector = ParameterSelector(include=tuple(include), exclude=tuple(exclude)) if (include or exclude) else None
+    selector = ParameterSelector.from_patterns(include, exclude)
     return streaming_merge(
         pretrained,
         finetuned,

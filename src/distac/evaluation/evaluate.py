@@ -9,12 +9,12 @@ from typing import Any
 import torch
 
 from distac.atomic import atomic_write_json, atomic_write_text
-from distac.data import TaskData, load_task
+from distac.data import TaskData, canonical_task, load_task
 from distac.errors import ConfigError
 from distac.evaluation.calibration import calibration_report
 from distac.evaluation.metrics import TaskMetrics, compute_metrics, reliability_bins
 from distac.models import load_model
-from distac.models.base import ClassifierModel
+from distac.models.base import ClassifierModel, ModelSpec
 from distac.models.inference import predict_logits
 
 
@@ -49,6 +49,14 @@ def evaluate_paths(
             f"--individual must list one model per evaluated model, in the same order: got {len(individual)} "
             f"for {len(models)}"
         )
+    if individual is not None:  # before any work: a reference for another task makes "normalized" meaningless
+        for path, reference in zip(models, individual, strict=True):
+            task, reference_task = ModelSpec.read(path).task, ModelSpec.read(reference).task
+            if task and reference_task and canonical_task(task) != canonical_task(reference_task):
+                raise ConfigError(
+                    f"--individual {reference} is a model for task {reference_task!r}, but {path} is evaluated on "
+                    f"{task!r}; give the fine-tuned model of {task!r}, in the same order as the models"
+                )
     rows = []
     for i, path in enumerate(models):
         model = load_model(path)

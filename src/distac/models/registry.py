@@ -62,9 +62,16 @@ def resolve_backbone(backbone: str) -> str:
     return str(path.resolve()) if path.exists() else backbone
 
 
+def _looks_like_a_path(backbone: str) -> bool:
+    """A filesystem path, not a hub id (``name`` or ``namespace/name``) or a timm / torchvision name."""
+    return backbone.startswith(("/", "./", "../", "~", ".\\")) or backbone.count("/") > 1
+
+
 def build_model(spec: ModelSpec, *, pretrained: bool = True, local_dir: Path | None = None) -> ClassifierModel:
     """A model for ``spec``: pretrained backbone (unless ``pretrained=False``) and a fresh head."""
     cls = _model_class(spec.family)
+    if pretrained and local_dir is None and _looks_like_a_path(spec.backbone) and not Path(spec.backbone).exists():
+        raise CheckpointError(f"backbone {spec.backbone!r}: no such file or directory")
     try:
         model = cls(spec, pretrained=pretrained, local_dir=local_dir)  # type: ignore[call-arg]
     except OSError as error:  # transformers/hub: neither a local directory nor a reachable hub name

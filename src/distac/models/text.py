@@ -13,6 +13,7 @@ lives in its task vector rather than in a head that is never merged.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,8 +22,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from distac.errors import DataError
+from distac.errors import CheckpointError, DataError
 from distac.models.base import ClassifierModel, Inputs, ModelSpec, ZeroShotHead
+
+log = logging.getLogger("distac.models")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -44,6 +47,43 @@ def resolve_named_backbone(name: str) -> str:
     return name
 
 
+#: Files any Hugging Face tokenizer is saved as (fast JSON, WordPiece, BPE, SentencePiece).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
+
+
+def _check_tokenizer_files(source: str) -> None:
+    """A local backbone directory without tokenizer files would get a near-empty default tokenizer
+    from transformers, turning every word into [UNK] while training "succeeds": refuse it."""
+    directory = Path(source)
+    if directory.is_dir() and not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{directory}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); save the tokenizer next to "
+            "the model (tokenizer.save_pretrained(dir))"
+        )
+
+
+def _fit_max_length(requested: int, config: Any, source: str) -> int:
+    """``requested`` tokens, or as many as the backbone has positions for (with a warning): a longer
+    input would index past the position embeddings and crash inside the model."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if not isinstance(positions, int) or positions <= 0:
+        return requested
+    if "roberta" in str(getattr(config, "model_type", "")):  # RoBERTa positions start after the padding index
+        positions -= int(getattr(config, "pad_token_id", 1) or 0) + 1
+    if requested > positions:
+        log.warning("max_length %d exceeds the %d positions of %s; using %d", requested, positions, source, positions)
+        return positions
+    return requested
+
+
 class TextClassifier(ClassifierModel):
     family: ClassVar[str] = "hf-text"
 
@@ -61,11 +101,12 @@ class TextClassifier(ClassifierModel):
         # float16): training, distillation and task-vector arithmetic need full-precision weights;
         # mixed precision is autocast's job.
         self.backbone = backbone.float()
+        _check_tokenizer_files(source)
         self.tokenizer = AutoTokenizer.from_pretrained(source)
         self.pooling: str = spec.options.get("pooling", "mean")
         if self.pooling not in {"mean", "cls"}:
             raise ValueError(f"unknown pooling {self.pooling!r} (use 'mean' or 'cls')")
-        self.max_length: int = int(spec.options.get("max_length", 128))
+        self.max_length: int = _fit_max_length(int(spec.options.get("max_length", 128)), self.backbone.config, source)
         head = spec.options.get("head", "linear")
         if head == "zero_shot" and not pretrained:  # load_model: the saved buffers replace it
             self.head: nn.Module = ZeroShotHead.placeholder(spec.num_labels, int(self.backbone.config.hidden_size))

