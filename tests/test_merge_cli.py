@@ -179,9 +179,12 @@ def test_flags_that_would_be_ignored_are_refused(tmp_path: Path) -> None:
         (["--streaming", "--search"], "--streaming cannot"),
         (["--search", "-l", "0.3"], "--search chooses lambda itself"),
         (["--grid", "0:1:0.1"], "add --search or drop --grid"),
+        (["-l", "1e40"], "NaN/Inf"),  # it wrote an all-Inf model that distac then refused to load
     ]
     for flags, needle in cases:
         code, message = _merge([*base, *flags])
         assert code == 2 and needle in message, (flags, message)
     assert not (tmp_path / "out").exists()
+    code, message = _merge([*map(str, fts), "-m", "ties", "-p", str(pre_dir), "-o", str(tmp_path / "m.safetensors")])
+    assert code == 2 and "is a directory" in message, message
     assert _merge([*base, "--device", "cpu"])[0] == 0

@@ -82,6 +82,8 @@ def register(app: typer.Typer) -> None:
         if not finetuned:
             raise typer.BadParameter("give at least one fine-tuned checkpoint")
         check_output_path(output, [*finetuned, pretrained])  # an output over an input would delete it
+        if output.suffix in {".safetensors", ".bin", ".pt", ".pth"}:
+            raise typer.BadParameter(f"--output {output}: the merged model is a directory; give a directory name")
         from distac.peft_sources import is_adapter_dir
 
         for path in [*finetuned, *([pretrained] if pretrained is not None else [])]:
@@ -330,8 +332,10 @@ def _merge_checkpoints(
         time.perf_counter() - start,
         {"info": result.info, "task_conditional": result.per_task is not None},
     )
+    what = f"the {method} merge at lambda={coef} (a coefficient too large for the weights' dtype?)"
     if result.per_task is None:
         merged = apply_merge(pre, result, coef)
+        check_state_finite(merged, what)  # a model distac itself would refuse to load is never written
         save_state_dict(
             merged, output, max_shard_bytes=shard_bytes, copy_config_from=pretrained, extra_json={"merge.json": record}
         )
@@ -339,6 +343,7 @@ def _merge_checkpoints(
     with atomic_directory(output) as tmp:  # all per-task models appear together, or none does
         for task in names:
             merged = apply_merge(pre, result, coef, task=task)
+            check_state_finite(merged, f"{what}, task {task}")
             save_state_dict(
                 merged,
                 tmp / str(task),
