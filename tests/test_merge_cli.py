@@ -71,6 +71,7 @@ def test_task_conditional_method_writes_one_model_per_task(tmp_path: Path) -> No
     assert result.exit_code == 0, result.output
     outs = sorted(p.name for p in (tmp_path / "emr").iterdir() if p.is_dir())
     assert outs == ["ft0", "ft1", "ft2"]
+    assert json.loads((tmp_path / "emr" / "merge.json").read_text())["task_conditional"] is True
     a, b = load_state_dict(tmp_path / "emr" / "ft0"), load_state_dict(tmp_path / "emr" / "ft1")
     assert not torch.equal(a["encoder.0.weight"], b["encoder.0.weight"])
 

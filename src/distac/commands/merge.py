@@ -286,7 +286,7 @@ def _merge_checkpoints(
 ) -> dict[str, Any]:
     """Load theta_pre and every source, merge their task vectors on ``device`` (TSV-M, Iso-CTS and
     WUDI are much faster on a GPU), and save the merged model(s) from the CPU."""
-    from distac.atomic import atomic_directory
+    from distac.atomic import atomic_directory, atomic_write_json
     from distac.checkpoints import check_state_finite, load_state_dict, save_state_dict
     from distac.merging.base import MergeResult, apply_merge
     from distac.merging.registry import get_method
@@ -351,6 +351,7 @@ def _merge_checkpoints(
                 copy_config_from=pretrained,
                 extra_json={"merge.json": record},
             )
+        atomic_write_json(tmp / "merge.json", record)  # the record at the top too, as for one merged model
     return record
 
 
