@@ -310,7 +310,8 @@ def test_pipeline_redoes_conditioned_cnns_cached_before_the_option(tmp_path: Pat
     assert runner._conditioned_batchnorm_current(out, replace(shrink, student_batchnorm="batch"))
     assert not runner._conditioned_batchnorm_current(out, shrink)
     # a text model has no BatchNorm: its old records stay valid
-    text = ExperimentRunner(replace(config, family="hf-text", backbone="x"), tmp_path, echo=lambda _: None)
+    text_config = replace(config, family="hf-text", backbone="x", model_options={})
+    text = ExperimentRunner(text_config, tmp_path, echo=lambda _: None)
     text._pretrained, text._has_batchnorm = {}, False
     (out / "condition.json").write_text(json.dumps(old_record))
     assert text._conditioned_batchnorm_current(out, shrink)

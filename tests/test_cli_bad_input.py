@@ -242,3 +242,20 @@ def test_merge_names_duplicate_sources_and_shared_folder_names(
     shutil.copytree(models["trec"], other)
     _fails(["merge", str(models["sst2"]), str(other), "-m", "ties", "-o", str(tmp_path / "x")],
            "share the folder name", "--name")  # fmt: skip
+
+
+def test_condition_takes_kappa_and_device_from_its_config_when_no_flag_is_given(
+    models: dict[str, Path], tmp_path: Path, data_root: Path
+) -> None:
+    """The flags' defaults (kappa 1, device auto) used to overwrite the config's values silently."""
+    config = tmp_path / "condition.yaml"
+    config.write_text("kappa: 0.3\ndevice: cpu\nsteps: 1\nbatch_size: 8\nnum_unlabeled: 16\neval_examples: 8\n")
+    out = tmp_path / "conditioned"
+    _ok(["condition", str(models["sst2"]), "-o", str(out), "--config", str(config), "--data-root", str(data_root)])
+    record = json.loads((out / "condition.json").read_text())
+    assert record["config"]["kappa"] == 0.3 and record["config"]["device"] == "cpu"
+    _ok(["condition", str(models["sst2"]), "-o", str(out), "--config", str(config), "--kappa", "0.5",
+         "--data-root", str(data_root)])  # fmt: skip
+    assert json.loads((out / "condition.json").read_text())["config"]["kappa"] == 0.5  # the flag wins
+    _fails(["condition", str(models["sst2"]), "-o", str(tmp_path / "x"), "--others", str(models["trec"])],
+           "--others only serve --kappa auto")  # fmt: skip

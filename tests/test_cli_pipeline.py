@@ -192,6 +192,17 @@ def test_condition_merge_evaluate_calibrate(sources: dict[str, Path], tmp_path: 
     report = json.loads((task_dirs[2] / "calibration.json").read_text())
     assert report["after"]["accuracy"] == report["before"]["accuracy"]  # T > 0 never changes the argmax
     assert report["after"]["nll"] <= report["before"]["nll"] + 1e-6
+    # evaluate now applies the stored temperature (it used to be written and never read)
+    common = ["--examples", "64", "--device", "cpu", "--data-root", str(data_root)]
+    scaled, raw = tmp_path / "eval_scaled", tmp_path / "eval_raw"
+    _run(["evaluate", str(task_dirs[2]), "-o", str(scaled), *common])
+    _run(["evaluate", str(task_dirs[2]), "-o", str(raw), "--uncalibrated", *common])
+    scaled_row = json.loads((scaled / "evaluation.json").read_text())["rows"][0]
+    raw_row = json.loads((raw / "evaluation.json").read_text())["rows"][0]
+    assert scaled_row["temperature"] == report["temperature"] and raw_row["temperature"] == 1.0
+    assert scaled_row["accuracy"] == raw_row["accuracy"]
+    assert scaled_row["ece"] == pytest.approx(report["after"]["ece"], abs=1e-6)  # the same test examples
+    assert raw_row["ece"] == pytest.approx(report["before"]["ece"], abs=1e-6)
 
 
 def test_demo_command_runs_every_stage_and_prints_the_table(tmp_path: Path, tiny_bert_dir: Path) -> None:

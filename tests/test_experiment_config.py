@@ -32,6 +32,15 @@ def test_overrides_and_errors() -> None:
         load_experiment("does-not-exist")
     with pytest.raises(ConfigError, match="unknown recipe"):
         load_experiment("demo", ["scenarios.original.recipe=nonsense"])
+    # found by an audit: these ran the whole pipeline and then crashed, or were ignored
+    with pytest.raises(ConfigError, match="methods must be a non-empty list"):
+        load_experiment("demo", ["methods=[]"])
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['max_len'\] for family 'hf-text'"):
+        load_experiment("demo", ["model_options.max_len=10"])
+    with pytest.raises(ConfigError, match="pooling: must be one of"):
+        load_experiment("demo", ["model_options.pooling=maxx"])
+    with pytest.raises(ConfigError, match="image_size"):
+        load_experiment("vision", ["model_options.image_size=0"])
 
 
 def test_partial_recipes_and_temperatures_extend_the_defaults() -> None:

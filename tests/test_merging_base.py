@@ -273,3 +273,16 @@ def test_matrix_rule_can_be_an_explicit_key_collection_or_predicate() -> None:
     assert description == "custom:<lambda>" and predicate("xy", MATRIX)
     with pytest.raises(MergeConfigError, match="strings only"):
         resolve_matrix_rule([1, 2])
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "consensus_ta", "emr", "tsvm", "iso_cts", "wudi"])
+def test_a_nan_in_a_task_vector_is_an_error_naming_task_and_key(method: str) -> None:
+    """An audit found TIES silently dropping the NaN, WUDI spreading it over the matrix and TSV-M
+    failing in LAPACK; every method must refuse it up front."""
+    from distac.merging import get_method
+
+    good = {"layer.weight": torch.randn(4, 3), "layer.bias": torch.randn(4)}
+    bad = {k: v.clone() for k, v in good.items()}
+    bad["layer.weight"][1, 2] = float("nan")
+    with pytest.raises(MergeConfigError, match=r"key 'layer.weight' of task vector 'b' holds 1 NaN/Inf"):
+        get_method(method).merge([good, bad], task_names=["a", "b"])

@@ -191,8 +191,10 @@ def test_text_zero_shot_head_is_frozen_class_name_embeddings(
     assert torch.allclose(again(again.encode(raw)), logits, atol=1e-5)
     with pytest.raises(DataError, match="needs 2 class names"):
         build_model(ModelSpec("hf-text", str(tiny_bert_dir), 2, task="toy", options={"head": "zero_shot"}))
-    with pytest.raises(ValueError, match="unknown head"):
+    with pytest.raises(ConfigError, match=r"head: must be one of \['linear', 'zero_shot'\], got 'mlp'"):
         build_model(ModelSpec("hf-text", str(tiny_bert_dir), 2, task="toy", options={"head": "mlp"}))
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['max_len'\]"):
+        build_model(ModelSpec("hf-text", str(tiny_bert_dir), 2, task="toy", options={"max_len": 10}))
 
 
 def test_predict_logits_with_autocast_without_bf16_hardware_warns_and_matches_float32(

@@ -98,12 +98,20 @@ def test_pipeline_runs_every_scenario_and_resumes(
     again = ExperimentRunner(config, tmp_path, data_root=data_root, echo=lambda _: None).run()
     assert _without_timings(again["scenarios"]) == _without_timings(results["scenarios"])
 
+    # Rerunning one scenario updates it in the report and keeps the others (they used to vanish).
+    partial = ExperimentRunner(config, tmp_path, data_root=data_root, echo=lambda _: None).run(["original"], [])
+    assert list(partial["scenarios"]) == ["original", "norm_mismatch", "low_confidence"]
+    assert partial["carried_over"] == ["scenario norm_mismatch", "scenario low_confidence", "study scale_curve"]
+    assert _without_timings(partial["scenarios"]) == _without_timings(results["scenarios"])
+    assert "Norm mismatch" in write_report(tmp_path).read_text()
+
     # Changing one method's options redoes that method's merges only (sources stay cached).
     messages: list[str] = []
     changed = replace(config, method_options={"ties": {"density": 0.5}})
     rerun = ExperimentRunner(changed, tmp_path, data_root=data_root, echo=messages.append).run(["original"], [])
     assert any("original" in m and "ties options changed" in m for m in messages), messages
     assert not any("task_arithmetic options changed" in m for m in messages)
+    assert list(rerun["scenarios"]) == ["original"]  # other settings: nothing carried over
     ties = rerun["scenarios"]["original"]["average"]["plain"]["ties"]
     assert ties["info"]["hyperparameters"]["density"] == 0.5
     cached = json.loads(next(tmp_path.glob("merges/original/*/ties.json")).read_text())

@@ -43,6 +43,11 @@ DATA_ROOT_OPTION = typer.Option(
     "Default: $DISTAC_DATA or ../shared/data.",
 )
 DEVICE_OPTION = typer.Option("auto", "--device", help="cpu, cuda, cuda:1 or auto (CUDA when available).")
+#: For commands with --config: unset means "the config's device, else auto", so a flag default
+#: never overrides a value from the file.
+CONFIGURABLE_DEVICE_OPTION = typer.Option(
+    None, "--device", help="cpu, cuda, cuda:1 or auto (CUDA when available; default: the config's, else auto)."
+)
 
 
 def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:

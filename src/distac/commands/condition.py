@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from distac.commands.common import CONFIG_OPTION, DATA_ROOT_OPTION, DEVICE_OPTION, SET_OPTION, console
+from distac.commands.common import CONFIG_OPTION, CONFIGURABLE_DEVICE_OPTION, DATA_ROOT_OPTION, SET_OPTION, console
 
 
 def register(app: typer.Typer) -> None:
@@ -14,8 +14,11 @@ def register(app: typer.Typer) -> None:
     def condition_command(
         source: Path = typer.Argument(..., help="The source to condition (distac model directory)."),
         output: Path = typer.Option(..., "--output", "-o", help="Conditioned model directory (atomic)."),
-        kappa: str = typer.Option(
-            "1", "--kappa", help="Task-vector scale for the student start; 'auto' = mean norm of --others / own."
+        kappa: str | None = typer.Option(
+            None,
+            "--kappa",
+            help="Task-vector scale for the student start (default: the config's, else 1); 'auto' = the mean "
+            "norm of --others over the source's own, never above 1.",
         ),
         others: list[Path] = typer.Option([], "--others", help="The other sources (for --kappa auto)."),
         steps: int | None = typer.Option(None, help="Distillation steps (paper: 500)."),
@@ -31,7 +34,7 @@ def register(app: typer.Typer) -> None:
         task_name: str | None = typer.Option(
             None, "--task", "-t", help="Task (name or dataset path) to distill on (default: the source's task)."
         ),
-        device: str = DEVICE_OPTION,
+        device: str | None = CONFIGURABLE_DEVICE_OPTION,
         config: Path | None = CONFIG_OPTION,
         overrides: list[str] = SET_OPTION,
         data_root: Path | None = DATA_ROOT_OPTION,
@@ -51,6 +54,11 @@ def register(app: typer.Typer) -> None:
         from distac.task_vectors import TaskVector
 
         check_output_path(output, [source, *others])  # the output directory replaces whatever is there
+        values = load_config(config, overrides)
+        kappa = str(kappa if kappa is not None else values.pop("kappa", 1))  # the flag, else the config's
+        values.pop("kappa", None)
+        if others and kappa != "auto":
+            raise typer.BadParameter("--others only serve --kappa auto; add it, or drop --others")
         teacher = load_model(source)
         selector = teacher.task_vector_selector()
         pretrained = backbone_state(build_model(teacher.spec))
@@ -69,7 +77,6 @@ def register(app: typer.Typer) -> None:
                 kappa_value = float(kappa)
             except ValueError:
                 raise typer.BadParameter(f"--kappa must be a number or 'auto', got {kappa!r}") from None
-        values = load_config(config, overrides)
         flags = {
             "steps": steps,
             "lr": lr,
@@ -80,7 +87,9 @@ def register(app: typer.Typer) -> None:
             "num_unlabeled": unlabeled,
         }
         values.update({k: v for k, v in flags.items() if v is not None})
-        values.update({"kappa": kappa_value, "device": device})
+        values["kappa"] = kappa_value
+        if device is not None:
+            values["device"] = device
         cfg = build_dataclass(ConditionConfig, values, "condition")
         task = load_task(task_name or teacher.spec.task or source.name, data_root)
         teacher.check_task(task, "validation", model_source=source)

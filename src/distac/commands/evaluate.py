@@ -21,10 +21,14 @@ def register(app: typer.Typer) -> None:
         output: Path | None = typer.Option(
             None, "--output", "-o", help="Write evaluation.json/.md and reliability plots."
         ),
+        uncalibrated: bool = typer.Option(
+            False, "--uncalibrated", help="Ignore a temperature stored by distac calibrate (calibration.json)."
+        ),
         device: str = DEVICE_OPTION,
         data_root: Path | None = DATA_ROOT_OPTION,
     ) -> None:
-        """Accuracy (MCC for CoLA), normalized accuracy, entropy and ECE per task and averaged."""
+        """Accuracy (MCC for CoLA), normalized accuracy, entropy and ECE per task and averaged; a model
+        with a temperature from distac calibrate is scored with it (column T)."""
         from distac.evaluation.evaluate import evaluate_paths
 
         if output is not None:
@@ -39,23 +43,24 @@ def register(app: typer.Typer) -> None:
             device=device,
             data_root=data_root,
             output=output,
+            use_temperature=not uncalibrated,
         )
-        rows = [
-            [r["model"], r["task"], r["score"], r.get("normalized", "-"), r["entropy"], r["ece"], r["n"]]
-            for r in table["rows"]
-        ]
+        keys = ["model", "task", "score", "normalized", "temperature", "entropy", "ece", "n"]
+        rows = [[r.get(k, "-") for k in keys] for r in table["rows"]]
         rows.append(
             [
                 "average",
                 "",
                 table["average"]["score"],
                 table["average"].get("normalized", "-"),
+                "",
                 table["average"]["entropy"],
                 table["average"]["ece"],
                 "",
             ]
         )
-        print_table(f"evaluation ({split})", ["model", "task", "score", "normalized", "entropy", "ECE", "n"], rows)
+        columns = ["model", "task", "score", "normalized", "T", "entropy", "ECE", "n"]
+        print_table(f"evaluation ({split})", columns, rows)
 
     @app.command("calibrate")
     def calibrate_command(
@@ -77,4 +82,4 @@ def register(app: typer.Typer) -> None:
                 ["after", after["accuracy"], after["ece"], after["nll"], after["entropy"]],
             ],
         )
-        console.print(f"temperature saved to {model}/calibration.json")
+        console.print(f"temperature saved to {model}/calibration.json; distac evaluate applies it from now on")

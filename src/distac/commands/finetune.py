@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from distac.commands.common import CONFIG_OPTION, DATA_ROOT_OPTION, DEVICE_OPTION, SET_OPTION, console
+from distac.commands.common import CONFIG_OPTION, CONFIGURABLE_DEVICE_OPTION, DATA_ROOT_OPTION, SET_OPTION, console
 
 
 def register(app: typer.Typer) -> None:
@@ -46,7 +46,7 @@ def register(app: typer.Typer) -> None:
             "only (the paper's CLIP set-up for models without a zero-shot head).",
         ),
         work_dir: Path | None = typer.Option(None, help="Checkpoint directory for resume (default <output>.work)."),
-        device: str = DEVICE_OPTION,
+        device: str | None = CONFIGURABLE_DEVICE_OPTION,
         config: Path | None = CONFIG_OPTION,
         overrides: list[str] = SET_OPTION,
         data_root: Path | None = DATA_ROOT_OPTION,
@@ -83,7 +83,8 @@ def register(app: typer.Typer) -> None:
         for key, value in {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "head": head}.items():
             if value is not None:
                 values[key] = value
-        values["device"] = device
+        if device is not None:
+            values["device"] = device
         cfg = build_dataclass(FinetuneConfig, {**values, "loss": build_dataclass(LossConfig, loss_values, "loss")})
         data = load_task(task, data_root)
         if train_examples:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -26,8 +27,10 @@ def distillation_loss(
     The stationary point is z_s = (T_s / T_t) z_t: T_s > T_t sharpens the student's predictions at
     temperature 1, i.e. raises confidence without changing the argmax.
     """
-    if student_temperature <= 0 or teacher_temperature <= 0:
-        raise ValueError("temperatures must be positive")
+    if not all(0 < t < math.inf for t in (student_temperature, teacher_temperature)):  # NaN fails too
+        raise ValueError(
+            f"temperatures must be positive and finite, got T_s={student_temperature}, T_t={teacher_temperature}"
+        )
     target = F.softmax(teacher_logits.detach().float() / teacher_temperature, dim=-1)
     log_q = F.log_softmax(student_logits.float() / student_temperature, dim=-1)
     kl = F.kl_div(log_q, target, reduction="batchmean")
@@ -52,14 +55,10 @@ def scaling_coefficient(norms: Sequence[float], index: int) -> float:
     (shrink, never stretch). With a single source there is nothing to match: 1."""
     if len(norms) < 2:
         return 1.0
+    if not all(math.isfinite(float(n)) for n in norms):
+        raise ValueError(f"task-vector norms must be finite, got {list(norms)}")
     own = float(norms[index])
     if own <= 0:
         return 1.0
     others = [float(n) for i, n in enumerate(norms) if i != index]
     return min(1.0, sum(others) / len(others) / own)
-
-
-def choose_kappas(norms: Sequence[float]) -> list[float]:
-    """Norm-mismatch rule: only the longest task vector is shrunk to the mean norm of the others."""
-    longest = max(range(len(norms)), key=lambda i: norms[i])
-    return [scaling_coefficient(norms, i) if i == longest else 1.0 for i in range(len(norms))]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,7 +12,7 @@ import torch
 
 from distac.atomic import atomic_write_json, atomic_write_text
 from distac.data import TaskData, canonical_task, load_task
-from distac.errors import ConfigError
+from distac.errors import CheckpointError, ConfigError
 from distac.evaluation.calibration import calibration_report
 from distac.evaluation.metrics import TaskMetrics, compute_metrics, reliability_bins
 from distac.models import load_model
@@ -43,7 +45,11 @@ def evaluate_paths(
     device: str,
     data_root: Path | None,
     output: Path | None,
+    use_temperature: bool = True,
 ) -> dict[str, Any]:
+    """Score each model on its task. A model that ``distac calibrate`` fitted (``calibration.json``
+    beside it) is scored with its logits divided by that temperature unless ``use_temperature`` is
+    off: accuracy stays, entropy, ECE and NLL are the calibrated model's. Each row says which T."""
     if individual is not None and len(individual) != len(models):
         raise ConfigError(
             f"--individual must list one model per evaluated model, in the same order: got {len(individual)} "
@@ -62,10 +68,14 @@ def evaluate_paths(
         model = load_model(path)
         task = load_task(model.spec.task or path.name, data_root)
         logits, labels = model_logits(model, task, split, examples, device, model_source=path)
+        temperature = stored_temperature(path) if use_temperature else None
+        if temperature is not None:
+            logits = logits / temperature
         metrics = compute_metrics(logits, labels, task.metric)
         row: dict[str, Any] = {
             "model": str(path),
             "task": task.name,
+            "temperature": temperature or 1.0,
             **metrics.to_dict(),
             "reliability": reliability_bins(logits, labels),
         }
@@ -93,6 +103,20 @@ def evaluate_paths(
             )
         atomic_write_text(output / "evaluation.md", "\n".join(lines) + "\n")
     return table
+
+
+def stored_temperature(path: Path) -> float | None:
+    """The temperature ``distac calibrate`` stored for the model at ``path``, or None."""
+    file = path / "calibration.json"
+    if not file.is_file():
+        return None
+    try:
+        temperature = json.loads(file.read_text())["temperature"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{file}: unreadable calibration record ({error}); rerun distac calibrate") from error
+    if not isinstance(temperature, int | float) or not math.isfinite(temperature) or temperature <= 0:
+        raise CheckpointError(f"{file}: temperature must be a positive number, got {temperature!r}")
+    return float(temperature)
 
 
 def calibrate_path(path: Path, *, examples: int | None, device: str, data_root: Path | None) -> dict[str, Any]:

@@ -146,7 +146,7 @@ def validate_sections(config: ExperimentConfig) -> None:
     from distac.conditioning.distac import ConditionConfig
     from distac.experiments.merge_eval import EvalSettings
     from distac.merging.registry import get_method
-    from distac.models.registry import MODEL_FAMILIES
+    from distac.models.registry import MODEL_FAMILIES, check_model_options
     from distac.training.finetune import FinetuneConfig
     from distac.training.losses import LossConfig
 
@@ -154,6 +154,11 @@ def validate_sections(config: ExperimentConfig) -> None:
         raise ConfigError(f"experiment {config.name!r}: unknown model family {config.family!r}; known {MODEL_FAMILIES}")
     if not config.backbone:
         raise ConfigError(f"experiment {config.name!r}: empty backbone")
+    check_model_options(config.family, config.model_options)
+    if not config.methods or not isinstance(config.methods, list):
+        raise ConfigError(f"experiment {config.name!r}: methods must be a non-empty list, got {config.methods!r}")
+    if len(set(config.methods)) != len(config.methods):
+        raise ConfigError(f"experiment {config.name!r}: a method is listed twice in {config.methods}")
     check_device_option("experiment", "device", config.device)
     if any(not t for t in config.tasks):
         raise ConfigError(f"experiment {config.name!r}: empty task name in {config.tasks}")

@@ -618,17 +618,21 @@ class ExperimentRunner:
         self.check_cache_compatible()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.run_dir / "config.json", self.config.to_json())
+        earlier = self.earlier_results(scenarios, studies)
         results: dict[str, Any] = {
             "experiment": self.config.name,
             "config": self.config.to_json(),
             "environment": environment_record(),
-            "scenarios": {},
+            "scenarios": dict(earlier["scenarios"]),
         }
+        if earlier["carried_over"]:
+            results["carried_over"] = earlier["carried_over"]
         for scenario in scenarios or list(self.config.scenarios):
             self.echo(f"== scenario {scenario}")
             results["scenarios"][scenario] = self.run_scenario(scenario)
             atomic_write_json(self.run_dir / "results.json", results)
-        study_results: dict[str, Any] = {}
+        results["scenarios"] = {s: results["scenarios"][s] for s in self.config.scenarios if s in results["scenarios"]}
+        study_results: dict[str, Any] = dict(earlier["studies"])
         for study, options in self.config.studies.items():
             if studies is not None and study not in studies:
                 continue
@@ -645,10 +649,38 @@ class ExperimentRunner:
                 study_results[study] = self.unlabeled_data_study(**options)
             results["studies"] = study_results
             atomic_write_json(self.run_dir / "results.json", results)
+        if study_results:
+            results["studies"] = study_results
         results["wall_seconds"] = time.perf_counter() - start
         results["stage_seconds"] = self.stage_seconds()
         atomic_write_json(self.run_dir / "results.json", results)
         return results
+
+    def earlier_results(self, scenarios: list[str] | None, studies: list[str] | None) -> dict[str, Any]:
+        """The scenarios and studies of this run dir's results.json that this run does not redo, so a
+        rerun with ``--scenario X`` updates X in the report instead of dropping the other columns. The
+        report must come from the same configuration (method options included), else nothing is kept;
+        the names kept are listed under ``carried_over``."""
+        kept: dict[str, Any] = {"scenarios": {}, "studies": {}, "carried_over": []}
+        file = self.run_dir / "results.json"
+        if (scenarios is None and studies is None) or not file.is_file():
+            return kept
+        try:
+            previous = json.loads(file.read_text())
+        except (OSError, ValueError):
+            return kept  # an unreadable report is rebuilt from this run alone
+        if previous.get("config") != self.config.to_json():  # e.g. other method options: not comparable
+            self.echo(f"{file}: made with other settings; the new report holds only what this run does")
+            return kept
+        for name, result in (previous.get("scenarios") or {}).items():
+            if scenarios is not None and name not in scenarios and name in self.config.scenarios:
+                kept["scenarios"][name] = result
+                kept["carried_over"].append(f"scenario {name}")
+        for name, result in (previous.get("studies") or {}).items():
+            if studies is not None and name not in studies and name in self.config.studies:
+                kept["studies"][name] = result
+                kept["carried_over"].append(f"study {name}")
+        return kept
 
     def stage_seconds(self) -> dict[str, float]:
         """Compute spent on the cached stages, whichever run made them (a resumed run's own wall

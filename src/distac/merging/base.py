@@ -201,7 +201,7 @@ def validate_task_vectors(
     """Check that the task vectors can be merged and name the key or task at fault if not.
 
     Every task vector must be a non-empty mapping with the same keys and shapes as the first one,
-    holding floating-point tensors. ``task_names`` (default ``task_0``, ``task_1``, ...) must be
+    holding finite floating-point tensors. ``task_names`` (default ``task_0``, ``task_1``, ...) must be
     unique and one per task vector. ``pretrained``, when given, must hold every key with the same
     shape (keys only in ``pretrained`` are fine: they are copied unchanged by :func:`apply_merge`).
     """
@@ -241,6 +241,12 @@ def validate_task_vectors(
                 raise MergeConfigError(
                     f"key {key!r} has shape {tuple(value.shape)} in task vector {names[index]!r} "
                     f"but {tuple(reference.shape)} in {names[0]!r}"
+                )
+        for index, tv in enumerate(task_vectors):  # NaN/Inf would be dropped by TIES, spread by WUDI...
+            finite = torch.isfinite(tv[key])
+            if not bool(finite.all()):
+                raise MergeConfigError(
+                    f"key {key!r} of task vector {names[index]!r} holds {int((~finite).sum())} NaN/Inf values"
                 )
     if pretrained is not None:
         for key in keys:
