@@ -63,6 +63,9 @@ def test_pipeline_runs_every_scenario_and_resumes(
             assert entry["coefficient"] in config.grid or method == "emr"
             assert 0.0 <= entry["absolute"] <= 1.0
             assert set(entry["test"]) == {"sst2", "trec"}
+        # EMR is tuning-free (METHODS-SPEC 4.10): merged at 1.0, no validation search; TIES searches
+        assert nm[variant]["emr"]["search"] is None and nm[variant]["emr"]["coefficient"] == 1.0
+        assert nm[variant]["ties"]["search"] is not None
     low = scenarios["low_confidence"]["average"]
     assert {"plain", "distac"} <= set(low)
     assert low["kappas"] == {"sst2": 1.0, "trec": 1.0}  # every label-smoothed source conditioned, unscaled
@@ -112,6 +115,13 @@ def test_pipeline_runs_every_scenario_and_resumes(
     assert any("original" in m and "ties options changed" in m for m in messages), messages
     assert not any("task_arithmetic options changed" in m for m in messages)
     assert list(rerun["scenarios"]) == ["original"]  # other settings: nothing carried over
+
+    # Asking for the search on tuning-free methods redoes their merges only (the run dir stays usable).
+    messages.clear()
+    searched = replace(changed, evaluation={"search_tuning_free": True})
+    again = ExperimentRunner(searched, tmp_path, data_root=data_root, echo=messages.append).run(["original"], [])
+    assert any("emr options changed" in m for m in messages) and not any("ties options" in m for m in messages)
+    assert again["scenarios"]["original"]["average"]["plain"]["emr"]["search"] is not None
     ties = rerun["scenarios"]["original"]["average"]["plain"]["ties"]
     assert ties["info"]["hyperparameters"]["density"] == 0.5
     cached = json.loads(next(tmp_path.glob("merges/original/*/ties.json")).read_text())

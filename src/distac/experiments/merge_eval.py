@@ -27,6 +27,7 @@ import torch
 from distac.checkpoints import StateDict
 from distac.config import check_choice_option, check_option
 from distac.data import TaskData
+from distac.errors import ConfigError
 from distac.evaluation.calibration import calibration_report
 from distac.evaluation.metrics import TaskMetrics, compute_metrics
 from distac.merging.base import MergeResult, apply_merge
@@ -52,10 +53,15 @@ class EvalSettings:
     test_examples: int | None = None
     batchnorm_statistics: str = "auto"  # auto / recompute: re-estimate for merged backbones; keep: the source's
     batchnorm_examples: int = DEFAULT_BATCHNORM_EXAMPLES
+    #: Search lambda on validation for the tuning-free methods too (EMR, WUDI). Off: they merge at
+    #: their paper's 1.0, as METHODS-SPEC 4.10 has it; the text8 and vision pages were made with it on.
+    search_tuning_free: bool = False
 
     def __post_init__(self) -> None:
         check_choice_option("evaluation", "batchnorm_statistics", self.batchnorm_statistics, BATCHNORM_CHOICES)
         check_option("evaluation", "batchnorm_examples", self.batchnorm_examples, low=1, integer=True)
+        if not isinstance(self.search_tuning_free, bool):
+            raise ConfigError(f"evaluation.search_tuning_free: true or false, got {self.search_tuning_free!r}")
 
 
 class TaskModelBank:

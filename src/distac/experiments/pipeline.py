@@ -302,11 +302,13 @@ class ExperimentRunner:
             atomic_write_json(pretrained_file, results["pretrained"])
         for method in methods or self.config.methods:
             file = out_dir / f"{method}.json"
+            grid = self.coefficient_grid_for(method)
             if file.is_file():
                 cached = json.loads(file.read_text())
                 if (
                     cached.get("info", {}).get("hyperparameters") == self._method_hyperparameters(method)
                     and cached.get("batchnorm_statistics", "keep") == batchnorm
+                    and (cached.get("search") is not None) == (grid is not None)
                 ):
                     results[method] = cached
                     continue
@@ -319,7 +321,7 @@ class ExperimentRunner:
                 bank,
                 individual_val=ind_val,
                 individual_test=ind_test,
-                grid=self.config.coefficient_grid(),
+                grid=grid,
                 hyperparameters=self.config.method_options.get(method),
             )
             record = evaluation.to_json()
@@ -331,6 +333,14 @@ class ExperimentRunner:
                 f"norm={record['normalized']:.4f} lambda={record['coefficient']:.2f}"
             )
         return results
+
+    def coefficient_grid_for(self, method: str) -> list[float] | None:
+        """The validation grid for ``method``'s lambda, or None to merge at its default coefficient
+        (the tuning-free methods, unless ``evaluation.search_tuning_free``)."""
+        from distac.merging.registry import get_method
+
+        tunes = type(get_method(method, **self.config.method_options.get(method, {}))).tunes_coefficient
+        return self.config.coefficient_grid() if tunes or self.eval_settings().search_tuning_free else None
 
     def _method_hyperparameters(self, method: str) -> dict[str, Any]:
         """The method's hyperparameters as a merge record stores them (JSON round trip)."""
@@ -597,6 +607,9 @@ class ExperimentRunner:
         if not file.is_file():
             return
         cached, current = json.loads(file.read_text()), self.config.to_json()
+        for record in (cached, current):  # each merge record knows whether it was searched: redone per method
+            evaluation = record.get("evaluation") or {}
+            record["evaluation"] = {k: v for k, v in evaluation.items() if k != "search_tuning_free"}
         changed = [k for k in CACHE_DEFINING_KEYS if cached.get(k) != current.get(k)]
         old_recipes, new_recipes = cached.get("recipes", {}), current["recipes"]
         changed += [f"recipes.{r}" for r in old_recipes if r in new_recipes and old_recipes[r] != new_recipes[r]]

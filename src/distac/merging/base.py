@@ -344,6 +344,9 @@ class MergeMethod(ABC):
     name: ClassVar[str]
     task_conditional: ClassVar[bool] = False
     default_coefficient: ClassVar[float]
+    #: Whether the method's paper tunes a global scale on validation data (METHODS-SPEC 4.10). EMR and
+    #: WUDI are tuning-free: experiments merge them at ``default_coefficient`` unless told otherwise.
+    tunes_coefficient: ClassVar[bool] = True
 
     def __init__(self, *, device: str | torch.device | None = None) -> None:
         self.device = check_device(device)

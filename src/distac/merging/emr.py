@@ -40,6 +40,7 @@ class EMR(MergeMethod):
     name: ClassVar[str] = "emr"
     task_conditional: ClassVar[bool] = True
     default_coefficient: ClassVar[float] = 1.0
+    tunes_coefficient: ClassVar[bool] = False  # tuning-free in its paper: no validation search
 
     def __init__(self, *, device: str | torch.device | None = None) -> None:
         super().__init__(device=device)

@@ -3,8 +3,9 @@ NeurIPS 2023): TrIm, Elect Sign, disjoint merge.
 
 1. Trim: for each task separately keep the top ``density`` fraction of its entries by magnitude,
    *globally over all parameters of that task* (one threshold per task, not per layer): with D
-   entries, k = int(D * density) are kept, i.e. entries with |tau_t| >= the (D - k)-th smallest
-   |tau_t|; ties at the threshold are all kept, like the reference code. The rest become 0.
+   entries and k = int(D * density), entries with |tau_t| >= the (D - k)-th smallest |tau_t| are
+   kept, i.e. k + 1 of them (more with ties at the threshold), exactly like the reference code's
+   ``kthvalue`` mask. The rest become 0.
 2. Elect ("mass"): gamma = sign(sum_t trimmed_t). Entries where that sum is exactly 0 get the
    majority sign sign(sum_j gamma_j) over *all* parameters; if that is 0 too, the reference code
    selects the negative entries there, and so do we.
@@ -59,8 +60,8 @@ class TiesOutput:
 def trim_thresholds(inputs: MergeInputs, density: float) -> list[float]:
     """Per-task magnitude threshold of the global top-``density`` trim (``-inf``: keep everything).
 
-    Mirrors the reference ``topk_values_mask``: k = int(D * density) kept, threshold = the
-    (D - k)-th smallest |tau_t| (1-based), keep |tau_t| >= threshold.
+    Mirrors the reference ``topk_values_mask``: k = int(D * density), threshold = the (D - k)-th
+    smallest |tau_t| (1-based), keep |tau_t| >= threshold: k + 1 entries without ties.
     """
     total = inputs.numel()
     kth = total - int(total * density)

@@ -152,6 +152,7 @@ def _adam(parameter: torch.nn.Parameter, lr: float) -> torch.optim.Adam:
 class WUDI(MergeMethod):
     name: ClassVar[str] = "wudi"
     default_coefficient: ClassVar[float] = 1.0
+    tunes_coefficient: ClassVar[bool] = False  # tuning-free in its paper: no validation search
 
     def __init__(
         self,
