@@ -55,3 +55,18 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path: Path) ->
         atomic_write_json(target, {"not serialisable": object()})
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_an_interrupted_swap_is_undone_by_the_next_write(tmp_path) -> None:  # noqa: ANN001
+    """A crash between the two renames leaves the old output aside as .<name>.old; the next write of
+    the same target restores it first, so the old output is never lost."""
+    from distac.atomic import OUTPUT_MARKER, atomic_directory
+
+    target = tmp_path / "out"
+    with atomic_directory(target) as tmp:
+        (tmp / "model.txt").write_text("old")
+    target.rename(tmp_path / ".out.old")  # the state right after the first rename of a swap
+    with pytest.raises(RuntimeError), atomic_directory(target):
+        raise RuntimeError("interrupted again")
+    assert (target / "model.txt").read_text() == "old" and (target / OUTPUT_MARKER).is_file()
+    assert not (tmp_path / ".out.old").exists()

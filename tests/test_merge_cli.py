@@ -189,3 +189,14 @@ def test_flags_that_would_be_ignored_are_refused(tmp_path: Path) -> None:
     code, message = _merge([*map(str, fts), "-m", "ties", "-p", str(pre_dir), "-o", str(tmp_path / "m.safetensors")])
     assert code == 2 and "is a directory" in message, message
     assert _merge([*base, "--device", "cpu"])[0] == 0
+
+
+def test_merge_json_records_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Paths given relative to the working directory are recorded absolute, so the provenance still
+    points at the inputs when merge.json is read from elsewhere."""
+    _write_sources(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert _merge(["ft0", "ft1", "-m", "task_arithmetic", "-p", "pre", "-o", "out"])[0] == 0
+    record = json.loads((tmp_path / "out" / "merge.json").read_text())
+    assert record["pretrained"] == str(tmp_path / "pre")
+    assert [s["path"] for s in record["sources"]] == [str(tmp_path / "ft0"), str(tmp_path / "ft1")]

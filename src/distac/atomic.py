@@ -93,8 +93,13 @@ def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
 
     If ``target`` exists it is replaced only after the new directory is complete, and only if it is
     empty or an earlier distac output: a user's own directory is never deleted (FileExistsError).
+    Replacing takes two renames (old aside to ``.<name>.old``, new into place); a crash between them
+    leaves the old output aside, and the next call for the same target puts it back first.
     """
     target = Path(target)
+    backup = target.with_name(f".{target.name}.old")
+    if backup.is_dir() and not target.exists():  # an earlier swap was interrupted: restore the old output
+        os.replace(backup, target)
     problem = replacement_problem(target)
     if problem:
         raise FileExistsError(f"{target}: {problem}; refusing to replace it. Choose another output")
@@ -105,7 +110,6 @@ def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         (tmp / OUTPUT_MARKER).write_text("written by distac; it may replace this directory\n", encoding="utf-8")
         if target.exists():
-            backup = target.with_name(f".{target.name}.old")
             if backup.exists():
                 shutil.rmtree(backup)
             os.replace(target, backup)

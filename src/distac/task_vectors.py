@@ -26,6 +26,7 @@ DEFAULT_HEAD_PATTERNS: tuple[str, ...] = (
     "heads.*",
     "classifier.*",
     "classifier",
+    "pre_classifier.*",  # DistilBERT's per-task dense layer before the classifier
     "score.*",
     "fc.weight",
     "fc.bias",
