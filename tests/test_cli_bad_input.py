@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import save_tiny_bert
 from typer.testing import CliRunner
 
@@ -259,3 +260,20 @@ def test_condition_takes_kappa_and_device_from_its_config_when_no_flag_is_given(
     assert json.loads((out / "condition.json").read_text())["config"]["kappa"] == 0.5  # the flag wins
     _fails(["condition", str(models["sst2"]), "-o", str(tmp_path / "x"), "--others", str(models["trec"])],
            "--others only serve --kappa auto")  # fmt: skip
+
+
+def test_calibrate_and_evaluate_name_a_model_whose_logits_overflow(
+    models: dict[str, Path], tmp_path: Path, data_root: Path
+) -> None:
+    """Finite but absurd weights (what a merge at a huge coefficient gives) overflow to Inf logits;
+    calibrate used to crash inside the temperature fit."""
+    from distac.checkpoints import load_state_dict, save_state_dict
+
+    broken = tmp_path / "overflow"
+    shutil.copytree(models["sst2"], broken)
+    state = load_state_dict(broken)
+    state["head.weight"] = torch.full_like(state["head.weight"], 3e38)
+    save_state_dict(state, tmp_path / "weights")
+    shutil.copy(tmp_path / "weights" / "model.safetensors", broken / "model.safetensors")
+    for command in ("calibrate", "evaluate"):
+        _fails([command, str(broken), "--examples", "8", *_data(data_root)], str(broken), "NaN/Inf logits")

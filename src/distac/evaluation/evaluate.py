@@ -26,7 +26,14 @@ def model_logits(
     model.check_task(task, model_source=model_source)
     data = task.split(split).subsample(examples, seed=17)  # None: all; fewer than 1 is a DataError there
     model.check_labels(data.labels, f"{task.source or task.name} ({split})")
-    return predict_logits(model, data.inputs, device=device), torch.as_tensor(data.labels)
+    logits = predict_logits(model, data.inputs, device=device)
+    bad = int((~torch.isfinite(logits)).any(dim=-1).sum())
+    if bad:  # metrics and temperature fitting on NaN logits would crash or mislead
+        raise CheckpointError(
+            f"{model_source or 'the model'}: {bad} of {len(logits)} {task.name} {split} examples get NaN/Inf logits; "
+            "its weights are broken (a merge at too large a coefficient?)"
+        )
+    return logits, torch.as_tensor(data.labels)
 
 
 def evaluate_model(
