@@ -146,7 +146,8 @@ def validate_sections(config: ExperimentConfig) -> None:
     from distac.conditioning.distac import ConditionConfig
     from distac.experiments.merge_eval import EvalSettings
     from distac.merging.registry import get_method
-    from distac.models.registry import MODEL_FAMILIES, check_model_options
+    from distac.models.base import check_model_options
+    from distac.models.registry import MODEL_FAMILIES
     from distac.training.finetune import FinetuneConfig
     from distac.training.losses import LossConfig
 

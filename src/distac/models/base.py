@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distac.errors import CheckpointError, DataError
+from distac.errors import CheckpointError, ConfigError, DataError
 from distac.task_vectors import DEFAULT_STATISTIC_PATTERNS, ParameterSelector
 
 SPEC_FILE = "distac_model.json"
@@ -101,6 +101,48 @@ class ModelSpec:
         )
 
 
+#: The ``options`` (experiment configs: ``model_options``) each family reads; anything else is a typo.
+MODEL_OPTIONS: dict[str, tuple[str, ...]] = {
+    "hf-text": ("max_length", "pooling", "head", "templates", "logit_scale", "head_seed"),
+    "clip": ("templates", "image_size"),
+    "timm": ("weights", "image_size", "head_seed"),
+    "vision": ("weights", "image_size", "head_seed"),
+}
+
+
+def check_model_options(family: str, options: Mapping[str, Any], owner: str = "model_options") -> None:
+    """Refuse unknown keys and bad values before a model is built (a typo such as ``max_len`` used to
+    be ignored, a bad ``pooling`` to fail only when the first model was built)."""
+    from distac.config import check_option
+
+    known = MODEL_OPTIONS.get(family)
+    if known is None:
+        return  # an unknown family is reported by its own check
+    unknown = sorted((key for key in options if key not in known), key=str)
+    if unknown:
+        raise ConfigError(f"{owner}: unknown option(s) {unknown} for family {family!r}; valid: {list(known)}")
+    choices = {"pooling": ("mean", "cls"), "head": ("linear", "zero_shot")}
+    for key, allowed in choices.items():
+        if key in options and options[key] not in allowed:
+            raise ConfigError(f"{owner}.{key}: must be one of {list(allowed)}, got {options[key]!r}")
+    for key in ("max_length", "image_size"):
+        if key in options:
+            check_option(owner, key, options[key], low=1, integer=True)
+    if "head_seed" in options:
+        check_option(owner, "head_seed", options["head_seed"], low=0, integer=True)
+    if "logit_scale" in options:
+        check_option(owner, "logit_scale", options["logit_scale"], low=0.0, low_inclusive=False)
+    templates = options.get("templates")
+    if templates is not None and (
+        not isinstance(templates, list | tuple)
+        or not templates
+        or any(not isinstance(t, str) or "{}" not in t for t in templates)
+    ):
+        raise ConfigError(f"{owner}.templates: a non-empty list of strings with a '{{}}' for the class name")
+    if "weights" in options and not isinstance(options["weights"], str):
+        raise ConfigError(f"{owner}.weights: a weights file path or 'hub', got {options['weights']!r}")
+
+
 class ClassifierModel(nn.Module, ABC):
     """backbone + head -> logits. Subclasses define ``encode`` (raw inputs -> tensors),
     ``features`` (inputs -> pooled features) and keep ``self.backbone`` / ``self.head``."""
@@ -111,6 +153,7 @@ class ClassifierModel(nn.Module, ABC):
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
+        check_model_options(spec.family, spec.options, f"{spec.backbone} options")  # before any weights load
         self.spec = spec
 
     # -- the interface -------------------------------------------------------------------------

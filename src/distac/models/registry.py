@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -34,48 +33,6 @@ def _quiet_transformers() -> None:
         hf_logging.set_verbosity_error()
     except ImportError:  # pragma: no cover
         pass
-
-
-#: The ``options`` (experiment configs: ``model_options``) each family reads; anything else is a typo.
-MODEL_OPTIONS: dict[str, tuple[str, ...]] = {
-    "hf-text": ("max_length", "pooling", "head", "templates", "logit_scale", "head_seed"),
-    "clip": ("templates", "image_size"),
-    "timm": ("weights", "image_size", "head_seed"),
-    "vision": ("weights", "image_size", "head_seed"),
-}
-
-
-def check_model_options(family: str, options: Mapping[str, Any], owner: str = "model_options") -> None:
-    """Refuse unknown keys and bad values before a model is built (a typo such as ``max_len`` used to
-    be ignored, a bad ``pooling`` to fail only when the first model was built)."""
-    from distac.config import check_option
-
-    known = MODEL_OPTIONS.get(family)
-    if known is None:
-        return  # an unknown family is reported by its own check
-    unknown = sorted((key for key in options if key not in known), key=str)
-    if unknown:
-        raise ConfigError(f"{owner}: unknown option(s) {unknown} for family {family!r}; valid: {list(known)}")
-    choices = {"pooling": ("mean", "cls"), "head": ("linear", "zero_shot")}
-    for key, allowed in choices.items():
-        if key in options and options[key] not in allowed:
-            raise ConfigError(f"{owner}.{key}: must be one of {list(allowed)}, got {options[key]!r}")
-    for key in ("max_length", "image_size"):
-        if key in options:
-            check_option(owner, key, options[key], low=1, integer=True)
-    if "head_seed" in options:
-        check_option(owner, "head_seed", options["head_seed"], low=0, integer=True)
-    if "logit_scale" in options:
-        check_option(owner, "logit_scale", options["logit_scale"], low=0.0, low_inclusive=False)
-    templates = options.get("templates")
-    if templates is not None and (
-        not isinstance(templates, list | tuple)
-        or not templates
-        or any(not isinstance(t, str) or "{}" not in t for t in templates)
-    ):
-        raise ConfigError(f"{owner}.templates: a non-empty list of strings with a '{{}}' for the class name")
-    if "weights" in options and not isinstance(options["weights"], str):
-        raise ConfigError(f"{owner}.weights: a weights file path or 'hub', got {options['weights']!r}")
 
 
 def _model_class(family: str) -> type[ClassifierModel]:
@@ -113,7 +70,6 @@ def _looks_like_a_path(backbone: str) -> bool:
 def build_model(spec: ModelSpec, *, pretrained: bool = True, local_dir: Path | None = None) -> ClassifierModel:
     """A model for ``spec``: pretrained backbone (unless ``pretrained=False``) and a fresh head."""
     cls = _model_class(spec.family)
-    check_model_options(spec.family, spec.options, f"{spec.backbone} options")
     if pretrained and local_dir is None and _looks_like_a_path(spec.backbone) and not Path(spec.backbone).exists():
         raise CheckpointError(f"backbone {spec.backbone!r}: no such file or directory")
     try:

@@ -103,9 +103,7 @@ class TextClassifier(ClassifierModel):
         self.backbone = backbone.float()
         _check_tokenizer_files(source)
         self.tokenizer = AutoTokenizer.from_pretrained(source)
-        self.pooling: str = spec.options.get("pooling", "mean")
-        if self.pooling not in {"mean", "cls"}:
-            raise ValueError(f"unknown pooling {self.pooling!r} (use 'mean' or 'cls')")
+        self.pooling: str = spec.options.get("pooling", "mean")  # checked with every option in ClassifierModel
         self.max_length: int = _fit_max_length(int(spec.options.get("max_length", 128)), self.backbone.config, source)
         head = spec.options.get("head", "linear")
         if head == "zero_shot" and not pretrained:  # load_model: the saved buffers replace it
