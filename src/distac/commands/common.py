@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,14 @@ def format_cell(value: Any) -> str:
 
 def dump_json(payload: Mapping[str, Any]) -> str:
     return json.dumps(payload, indent=2, default=str)
+
+
+def require_distinct_sources(paths: Sequence[Path]) -> None:
+    """Refuse a source given twice, under any spelling of its path: it would count twice."""
+    resolved = [p.resolve() for p in paths]
+    twice = sorted({str(p) for p, r in zip(paths, resolved, strict=True) if resolved.count(r) > 1})
+    if twice:
+        raise typer.BadParameter(f"a source is given more than once: {twice}")
 
 
 def merged_options(config: Mapping[str, Any], **flags: Any) -> dict[str, Any]:

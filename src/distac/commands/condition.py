@@ -6,7 +6,14 @@ from pathlib import Path
 
 import typer
 
-from distac.commands.common import CONFIG_OPTION, CONFIGURABLE_DEVICE_OPTION, DATA_ROOT_OPTION, SET_OPTION, console
+from distac.commands.common import (
+    CONFIG_OPTION,
+    CONFIGURABLE_DEVICE_OPTION,
+    DATA_ROOT_OPTION,
+    SET_OPTION,
+    console,
+    merged_options,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -55,8 +62,8 @@ def register(app: typer.Typer) -> None:
 
         check_output_path(output, [source, *others])  # the output directory replaces whatever is there
         values = load_config(config, overrides)
-        kappa = str(kappa if kappa is not None else values.pop("kappa", 1))  # the flag, else the config's
-        values.pop("kappa", None)
+        configured_kappa = values.pop("kappa", 1)
+        kappa = str(kappa if kappa is not None else configured_kappa)  # the flag, else the config's
         if others and kappa != "auto":
             raise typer.BadParameter("--others only serve --kappa auto; add it, or drop --others")
         teacher = load_model(source)
@@ -77,19 +84,18 @@ def register(app: typer.Typer) -> None:
                 kappa_value = float(kappa)
             except ValueError:
                 raise typer.BadParameter(f"--kappa must be a number or 'auto', got {kappa!r}") from None
-        flags = {
-            "steps": steps,
-            "lr": lr,
-            "batch_size": batch_size,
-            "teacher_temperature": teacher_temperature,
-            "student_temperature": student_temperature,
-            "beta": beta,
-            "num_unlabeled": unlabeled,
-        }
-        values.update({k: v for k, v in flags.items() if v is not None})
-        values["kappa"] = kappa_value
-        if device is not None:
-            values["device"] = device
+        values = merged_options(
+            values,
+            steps=steps,
+            lr=lr,
+            batch_size=batch_size,
+            teacher_temperature=teacher_temperature,
+            student_temperature=student_temperature,
+            beta=beta,
+            num_unlabeled=unlabeled,
+            device=device,
+            kappa=kappa_value,
+        )
         cfg = build_dataclass(ConditionConfig, values, "condition")
         task = load_task(task_name or teacher.spec.task or source.name, data_root)
         teacher.check_task(task, "validation", model_source=source)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from distac.commands.common import DATA_ROOT_OPTION, DEVICE_OPTION, console
+from distac.commands.common import DATA_ROOT_OPTION, DEVICE_OPTION, console, require_distinct_sources
 
 
 def register(app: typer.Typer) -> None:
@@ -39,10 +39,7 @@ def register(app: typer.Typer) -> None:
             check_output_path(output)
         if examples < 1:
             raise typer.BadParameter(f"--examples must be at least 1, got {examples}")
-        resolved = [p.resolve() for p in sources]
-        twice = sorted({str(p) for p, r in zip(sources, resolved, strict=True) if resolved.count(r) > 1})
-        if twice:  # a duplicate would count twice in the norm disparity and the flags
-            raise typer.BadParameter(f"a source is given more than once: {twice}")
+        require_distinct_sources(sources)  # a duplicate would count twice in the norm disparity and the flags
         models = [load_model(p) for p in sources]
         check_same_backbone({str(p): m for p, m in zip(sources, models, strict=True)})
         pretrained = backbone_state(build_model(models[0].spec))

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import typer
 
-from distac.commands.common import CONFIG_OPTION, CONFIGURABLE_DEVICE_OPTION, DATA_ROOT_OPTION, SET_OPTION, console
+from distac.commands.common import (
+    CONFIG_OPTION,
+    CONFIGURABLE_DEVICE_OPTION,
+    DATA_ROOT_OPTION,
+    SET_OPTION,
+    console,
+    merged_options,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -76,15 +83,8 @@ def register(app: typer.Typer) -> None:
             if value is not None and value < 1:
                 raise typer.BadParameter(f"{flag} must be at least 1, got {value}")
         values = load_config(config, overrides)
-        loss_values = dict(values.pop("loss", {}) or {})
-        for key, value in {"kind": loss, "alpha": alpha, "gamma": gamma}.items():
-            if value is not None:
-                loss_values[key] = value
-        for key, value in {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "head": head}.items():
-            if value is not None:
-                values[key] = value
-        if device is not None:
-            values["device"] = device
+        loss_values = merged_options(values.pop("loss", {}) or {}, kind=loss, alpha=alpha, gamma=gamma)
+        values = merged_options(values, steps=steps, lr=lr, batch_size=batch_size, seed=seed, head=head, device=device)
         cfg = build_dataclass(FinetuneConfig, {**values, "loss": build_dataclass(LossConfig, loss_values, "loss")})
         data = load_task(task, data_root)
         if train_examples:

@@ -23,7 +23,14 @@ from typing import Any
 
 import typer
 
-from distac.commands.common import DATA_ROOT_OPTION, DEVICE_OPTION, METHOD_SET_OPTION, console, print_table
+from distac.commands.common import (
+    DATA_ROOT_OPTION,
+    DEVICE_OPTION,
+    METHOD_SET_OPTION,
+    console,
+    print_table,
+    require_distinct_sources,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -89,10 +96,7 @@ def register(app: typer.Typer) -> None:
         for path in [*finetuned, *([pretrained] if pretrained is not None else [])]:
             if not is_adapter_dir(path):  # adapters are checked by distac.peft_sources when read
                 validate_checkpoint(path)  # missing, unknown or corrupt files fail now, before loading anything
-        resolved = [p.resolve() for p in finetuned]
-        twice = sorted({str(p) for p, r in zip(finetuned, resolved, strict=True) if resolved.count(r) > 1})
-        if twice:
-            raise typer.BadParameter(f"a source is given more than once: {twice}")
+        require_distinct_sources(finetuned)
         task_names = names or [Path(os.path.abspath(p)).name for p in finetuned]  # '.' names its folder
         bad_names = [n for n in task_names if not _is_plain_name(n)]
         if bad_names:  # names become output sub-directories (per-task methods) and JSON keys
@@ -288,14 +292,13 @@ def _merge_checkpoints(
     WUDI are much faster on a GPU), and save the merged model(s) from the CPU."""
     from distac.atomic import atomic_directory, atomic_write_json
     from distac.checkpoints import check_state_finite, load_state_dict, save_state_dict
-    from distac.merging.base import MergeResult, apply_merge
+    from distac.merging.base import apply_merge
     from distac.merging.registry import get_method
     from distac.models.inference import pick_device
     from distac.peft_sources import load_source
     from distac.task_vectors import ParameterSelector, TaskVector
 
     target = pick_device(device)
-
     selector = ParameterSelector.from_patterns(include, exclude)
     start = time.perf_counter()
     pre = load_state_dict(pretrained)
@@ -308,19 +311,10 @@ def _merge_checkpoints(
                 pre, state, selector, pretrained_source=pretrained, finetuned_source=path
             ).deltas
         )
-    merger = get_method(method, **hyper)
-    if target.type == "cpu":
-        result = merger.merge(vectors, task_names=names, pretrained=pre)
-    else:
-        moved = [{k: v.to(target) for k, v in vector.items()} for vector in vectors]
-        result = merger.merge(moved, task_names=names, pretrained={k: v.to(target) for k, v in pre.items()})
-        del moved
-
-        def cpu(state: dict[str, Any]) -> dict[str, Any]:
-            return {k: v.cpu() for k, v in state.items()}
-
-        per_task = {t: cpu(update) for t, update in result.per_task.items()} if result.per_task else None
-        result = MergeResult(cpu(result.task_vector), per_task, result.info)
+    # every method's ``device`` runs the maths there, key by key, and returns results on the inputs' CPU
+    options = {"device": str(target), **hyper} if target.type != "cpu" else hyper
+    merger = get_method(method, **options)
+    result = merger.merge(vectors, task_names=names, pretrained=pre)
     coef = merger.default_coefficient if coefficient is None else coefficient
     record = _record(
         method,

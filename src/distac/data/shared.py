@@ -93,8 +93,8 @@ def available_tasks(root: str | Path | None = None) -> dict[str, str]:
     """Task name -> where it lives: ``text`` / ``image`` for the shared data's tasks, ``dataset`` for a
     user's dataset named after its task (``<root>/<name>`` or ``<root>/<name>.npz``, see ``load_task``)."""
     root = Path(root) if root else default_data_root()
-    out = {t: "text" for t in TEXT_TASKS if (root / "text" / t / "train.tsv").is_file()}
-    out.update({t: "image" for t, f in VISION_TASKS.items() if (root / "vision" / f).is_file()})
+    out = {t: "text" for t in TEXT_TASKS if shared_task_present(t, root)}
+    out.update({t: "image" for t in VISION_TASKS if shared_task_present(t, root)})
     for entry in sorted(root.iterdir()) if root.is_dir() else []:
         name = entry.stem if entry.suffix == ".npz" else entry.name
         own = entry.suffix == ".npz" or (entry.is_dir() and entry.name not in ("text", "vision"))
