@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from collections.abc import Iterator
@@ -70,3 +71,12 @@ def test_an_interrupted_swap_is_undone_by_the_next_write(tmp_path) -> None:  # n
         raise RuntimeError("interrupted again")
     assert (target / "model.txt").read_text() == "old" and (target / OUTPUT_MARKER).is_file()
     assert not (tmp_path / ".out.old").exists()
+
+
+def test_json_is_strict_undefined_numbers_become_null(tmp_path: Path) -> None:
+    """Python's json writes bare NaN / Infinity, which jq and JavaScript reject: distac writes null."""
+    path = tmp_path / "r.json"
+    atomic_write_json(path, {"normalized": float("nan"), "rows": [1.5, float("inf"), -float("inf")], "n": 3})
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"normalized": None, "rows": [1.5, None, None], "n": 3}

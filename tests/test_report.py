@@ -150,3 +150,21 @@ def test_table1_plot_draws_scaling_only_bars_where_the_study_ran(tmp_path) -> No
     drawn = plot_table1(results, tmp_path / "table1.png")
     assert drawn == {"original": ["merge"], "norm_mismatch": ["merge", "+ DisTaC", "+ scaling only"]}
     assert (tmp_path / "table1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table1_shows_an_undefined_normalized_score_as_n_a_before_and_after_json() -> None:
+    """A normalized score is undefined when the individual reference is <= 0 (a CoLA MCC of 0): NaN in
+    memory, null in results.json; the table shows n/a either way instead of crashing on the null."""
+    import json
+
+    from distac.atomic import json_text
+    from distac.experiments.report import table1_markdown
+
+    results = {
+        "config": {"methods": ["task_arithmetic"]},
+        "scenarios": {
+            "original": {"average": {"plain": {"task_arithmetic": {"absolute": 0.25, "normalized": float("nan")}}}}
+        },
+    }
+    for version in (results, json.loads(json_text(results))):
+        assert "| Task arithmetic | 25.0 (n/a) |" in table1_markdown(version)

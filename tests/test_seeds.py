@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from distac.atomic import atomic_write_json
 from distac.cli import app
 from distac.errors import ConfigError
-from distac.experiments.seeds import aggregate, load_runs, write_seed_report
+from distac.experiments.seeds import aggregate, load_runs, seeds_markdown, write_seed_report
 
 
 def _entry(absolute: float) -> dict[str, float]:
@@ -73,6 +74,22 @@ def test_only_scenarios_every_run_has_are_aggregated(tmp_path: Path) -> None:
         load_runs([_write(tmp_path, "s0", _results(0, (0.7, 0.5, 0.6))), _write(tmp_path, "s1", partial)])
     )
     assert summary["scenarios"] == ["original"] and summary["effects"] == []
+    assert summary["left_out_scenarios"] == {"low_confidence": [1]}  # named, not dropped unseen
+    assert "Left out, missing from some runs: Low confidence (not run at seed 1)." in seeds_markdown(summary)
+
+
+def test_a_cell_without_spread_is_written_as_strict_json_and_shown_without_sd(tmp_path: Path) -> None:
+    summary = aggregate(
+        load_runs(
+            [_write(tmp_path, "s0", _results(0, (0.7, 0.5, 0.6))), _write(tmp_path, "s1", _results(1, (0.7, 0.5, 0.6)))]
+        )
+    )
+    summary["cells"]["original"]["task_arithmetic/plain"]["sd"] = float("nan")  # as for a single value
+    path = tmp_path / "seeds.json"
+    atomic_write_json(path, summary)
+    back = json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"bare {name} in JSON"))
+    assert back["cells"]["original"]["task_arithmetic/plain"]["sd"] is None
+    assert "| Task arithmetic | 70.0 | 50.0 ± 0.0 |" in seeds_markdown(back)
 
 
 def test_runs_of_different_experiments_or_the_same_seed_are_refused(tmp_path: Path) -> None:

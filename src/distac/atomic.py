@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -43,8 +44,31 @@ def atomic_write_text(target: str | os.PathLike[str], text: str) -> Path:
     return Path(target)
 
 
+def json_text(payload: Any, indent: int | None = 2) -> str:
+    """Strict JSON for ``payload``: NaN and infinities (an undefined normalized score, the spread of one
+    seed) become ``null``. Python's json would write bare ``NaN``, which jq, JavaScript and most other
+    readers reject."""
+    return json.dumps(_finite(payload), indent=indent, sort_keys=False, default=_json_default, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, str):
+        return _finite(value.tolist())
+    if hasattr(value, "__dataclass_fields__") and not isinstance(value, type):
+        import dataclasses
+
+        return _finite(dataclasses.asdict(value))
+    return value
+
+
 def atomic_write_json(target: str | os.PathLike[str], payload: Any) -> Path:
-    return atomic_write_text(target, json.dumps(payload, indent=2, sort_keys=False, default=_json_default) + "\n")
+    return atomic_write_text(target, json_text(payload) + "\n")
 
 
 def atomic_write_with(target: str | os.PathLike[str], writer: Callable[[Path], None]) -> Path:

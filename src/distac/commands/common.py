@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,10 +62,6 @@ def format_cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.3e}"
     return str(value)
-
-
-def dump_json(payload: Mapping[str, Any]) -> str:
-    return json.dumps(payload, indent=2, default=str)
 
 
 def require_distinct_sources(paths: Sequence[Path]) -> None:

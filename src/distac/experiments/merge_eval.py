@@ -17,6 +17,7 @@ Accuracy is unchanged by a temperature, so only the confidence metrics move.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -231,7 +232,7 @@ def evaluate_method(
         row["normalized"] = row["score"] / ref if ref > 0 else float("nan")
         test[t] = row
     absolute = sum(r["score"] for r in test.values()) / len(test)
-    defined = [r["normalized"] for r in test.values() if r["normalized"] == r["normalized"]]
+    defined = [r["normalized"] for r in test.values() if math.isfinite(r["normalized"])]
     normalized = sum(defined) / len(defined) if defined else float("nan")
     return MergeEvaluation(
         method,

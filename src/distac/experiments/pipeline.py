@@ -712,7 +712,9 @@ class ExperimentRunner:
 
 
 def _mean(values: Any) -> float:
-    values = list(values)
+    """Mean of the defined values: NaN (in memory) and None (read back from JSON) mark an undefined
+    score, such as a normalized accuracy whose individual reference is <= 0; NaN if none is defined."""
+    values = [v for v in values if isinstance(v, int | float) and v == v]
     return sum(values) / len(values) if values else float("nan")
 
 

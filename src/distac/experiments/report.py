@@ -133,10 +133,18 @@ def _stage_seconds_line(stages: dict[str, float] | None) -> str:
     return f"Compute in the cached stages (all runs that made them): {total / 60:.1f} min ({parts} min).\n"
 
 
+def _number(value: Any, spec: str, scale: float = 1.0) -> str:
+    """``value`` formatted, or ``n/a`` where it is undefined: NaN in memory, ``null`` once read back from
+    JSON (a normalized score whose individual reference is <= 0, say)."""
+    if not isinstance(value, int | float) or value != value:
+        return "n/a"
+    return format(scale * value, spec)
+
+
 def _cell(entry: dict[str, Any] | None) -> str:
     if not entry or "absolute" not in entry:
         return "-"
-    return f"{100 * entry['absolute']:.1f} ({100 * entry['normalized']:.1f})"
+    return f"{_number(entry['absolute'], '.1f', 100)} ({_number(entry.get('normalized'), '.1f', 100)})"
 
 
 def table1_markdown(results: dict[str, Any]) -> str:
@@ -300,7 +308,7 @@ def write_report(run_dir: str | Path) -> Path:
         paper_comparison_markdown(results),
         f"Backbone `{results['config']['backbone']}`, tasks {', '.join(results['config']['tasks'])}; "
         f"limits {results['config']['limits']}; seed {results['config']['seed']}; "
-        f"wall time {results.get('wall_seconds', float('nan')):.0f} s on {env.get('machine')} "
+        f"wall time {_number(results.get('wall_seconds'), '.0f')} s on {env.get('machine')} "
         f"({env.get('cpu_count')} CPUs, CUDA: {env.get('cuda')}); torch {env.get('torch')}, "
         f"transformers {env.get('transformers')}, distac {env.get('distac')}.",
         "",
@@ -347,8 +355,8 @@ def smoothing_sweep_markdown(sweep: dict[str, Any]) -> str:
             f"{_cell(point.get('plain', {}).get(m))} | {_cell(point.get('distac', {}).get(m))}" for m in methods
         )
         lines.append(
-            f"| {point['alpha']:g} | {point.get('source_entropy', float('nan')):.3f} | "
-            f"{point.get('source_ece', float('nan')):.3f} | {cells} |"
+            f"| {point['alpha']:g} | {_number(point.get('source_entropy'), '.3f')} | "
+            f"{_number(point.get('source_ece'), '.3f')} | {cells} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -62,7 +62,12 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     ``drop`` (a scenario's plain merge minus the original plain merge) and ``gain`` (a variant minus the
     plain merge of its own scenario)."""
     methods = runs[0]["config"]["methods"]
-    scenarios = [s for s in runs[0]["scenarios"] if all(s in run["scenarios"] for run in runs)]
+    seen = list(dict.fromkeys(s for run in runs for s in run["scenarios"]))
+    scenarios = [s for s in seen if all(s in run["scenarios"] for run in runs)]
+    # a scenario some runs lack cannot have a seed spread; name it instead of dropping it unseen
+    left_out = {
+        s: [run["config"]["seed"] for run in runs if s not in run["scenarios"]] for s in seen if s not in scenarios
+    }
     for scenario in scenarios:  # a scenario's cells are comparable only if every run defined it alike
         specs = [run["config"].get("scenarios", {}).get(scenario) for run in runs]
         if any(spec != specs[0] for spec in specs[1:]):
@@ -113,6 +118,7 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "seeds": [run["config"]["seed"] for run in runs],
         "methods": methods,
         "scenarios": scenarios,
+        "left_out_scenarios": left_out,
         "cells": cells,
         "effects": effects,
         "choice_effects": choice_effects(runs, scenarios, methods),
@@ -177,7 +183,9 @@ def _mean_sd(stats: dict[str, Any] | None, signed: bool = False) -> str:
     if not stats:
         return ""
     sign = "+" if signed else ""
-    return f"{stats['mean']:{sign}.1f} ± {stats['sd']:.1f}"
+    sd = stats.get("sd")  # undefined for one seed: NaN in memory, null once read back from seeds.json
+    spread = f" ± {sd:.1f}" if isinstance(sd, int | float) and sd == sd else ""
+    return f"{stats['mean']:{sign}.1f}{spread}"
 
 
 def seeds_markdown(summary: dict[str, Any]) -> str:
@@ -196,6 +204,17 @@ def seeds_markdown(summary: dict[str, Any]) -> str:
             continue
         label = "Individual (fine-tuned)" if row == "individual" else METHOD_LABELS.get(row, row)
         lines.append(f"| {label}{VARIANT_LABELS[variant]} | " + " | ".join(_mean_sd(c) for c in cells) + " |")
+    left_out = summary.get("left_out_scenarios") or {}
+    if left_out:
+        lines += [
+            "",
+            "Left out, missing from some runs: "
+            + "; ".join(
+                f"{SCENARIO_LABELS.get(s, s)} (not run at seed {', '.join(str(x) for x in missing)})"
+                for s, missing in left_out.items()
+            )
+            + ".",
+        ]
     lines += [
         "",
         "### Effects per seed (points): drop = scenario − original, gain = variant − plain merge",
