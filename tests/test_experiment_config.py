@@ -26,8 +26,8 @@ def test_default_grid_is_the_papers() -> None:
 def test_overrides_and_errors() -> None:
     config = load_experiment("demo", ["finetune.steps=7", "tasks=[sst2, trec]"])
     assert config.finetune["steps"] == 7 and config.tasks == ["sst2", "trec"]
-    with pytest.raises(ConfigError, match="unknown option"):
-        load_experiment("demo", ["no_such_option=1"])
+    with pytest.raises(ConfigError, match=r"demo\.yaml with --set no_such_option=1: unknown option"):
+        load_experiment("demo", ["no_such_option=1"])  # the error names the --set, not just the YAML
     with pytest.raises(ConfigError, match="unknown experiment"):
         load_experiment("does-not-exist")
     with pytest.raises(ConfigError, match="unknown recipe"):

@@ -282,7 +282,9 @@ def resolve_config_path(name_or_path: str) -> Path:
 def load_experiment(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     path = resolve_config_path(name_or_path)
     values = load_config(path, overrides)
-    return build_dataclass(ExperimentConfig, values, where=str(path))
+    # a bad value may come from the YAML or from a --set: name both, so the user looks in the right place
+    where = str(path) if not overrides else f"{path} with --set {' '.join(overrides)}"
+    return build_dataclass(ExperimentConfig, values, where=where)
 
 
 def available_experiments() -> list[str]:
