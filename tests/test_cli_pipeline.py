@@ -205,6 +205,30 @@ def test_condition_merge_evaluate_calibrate(sources: dict[str, Path], tmp_path: 
     assert raw_row["ece"] == pytest.approx(report["before"]["ece"], abs=1e-6)
 
 
+def test_merge_search_chooses_consensus_lambda_t_per_task_unless_given(
+    sources: dict[str, Path], tmp_path: Path, data_root: Path
+) -> None:
+    """METHODS-SPEC 4.4: Consensus TA uses TALL masks whose lambda_t each task picks on its validation
+    split; the merge record says what was chosen and the written model is merged with it."""
+    common = ["--method", "consensus_ta", "--search", "--grid", "0:1:0.5", "--validation-examples", "32"]
+    common += ["--device", "cpu", "--data-root", str(data_root)]
+    members = [str(sources["trec"]), str(sources["agnews_small"])]
+    _run(["merge", *members, *common, "-o", str(tmp_path / "searched")])
+    record = json.loads((tmp_path / "searched" / "merge.json").read_text())
+    search = record["lambda_t_search"]
+    assert set(search["best"]) == {"trec", "agnews_small"}
+    for task, curve in search["scores"].items():
+        assert [p["lambda"] for p in curve] == [0.2, 0.3, 0.4, 0.5, 0.6]
+        best = max(curve, key=lambda p: p["score"])  # the first maximum: ties go to the smaller lambda
+        assert search["best"][task] == best["lambda"] and search["best_scores"][task] == best["score"]
+    assert record["info"]["lambdas"] == search["best"] == record["hyperparameters"]["lambda_t"]
+
+    _run(["merge", *members, *common, "--set", "lambda_t=0.4", "-o", str(tmp_path / "pinned")])
+    pinned = json.loads((tmp_path / "pinned" / "merge.json").read_text())
+    assert pinned["lambda_t_search"] is None
+    assert pinned["info"]["lambdas"] == {"trec": 0.4, "agnews_small": 0.4}
+
+
 def test_demo_command_runs_every_stage_and_prints_the_table(tmp_path: Path, tiny_bert_dir: Path) -> None:
     """The README's first command, wired end to end (tiny backbone and data; the real demo uses MiniLM)."""
     output = _run(

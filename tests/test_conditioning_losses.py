@@ -54,3 +54,17 @@ def test_l2_anchor_and_kappa() -> None:
     assert scaling_coefficient([5.0], 0) == 1.0
     with pytest.raises(ValueError, match="finite"):  # min(1, nan) used to give kappa 1 silently
         scaling_coefficient([math.nan, 1.0], 0)
+
+
+def test_reference_schedule_is_the_released_warmup_then_cosine() -> None:
+    """METHODS-SPEC 1.7: lr_k = lr (k+1)/500 for k < 500, cosine decay afterwards; at 500 steps the run
+    never leaves the warm-up (it used to stay at the full rate forever past step 500)."""
+    from distac.conditioning.distac import ConditionConfig, _schedule
+
+    short = _schedule(ConditionConfig(steps=500, schedule="reference"))
+    assert [short(k) for k in (0, 249, 499)] == pytest.approx([1 / 500, 250 / 500, 1.0])
+    long = _schedule(ConditionConfig(steps=1000, schedule="reference"))
+    assert long(499) == pytest.approx(1.0) and long(500) == pytest.approx(1.0)
+    assert long(750) == pytest.approx(0.5) and long(999) == pytest.approx(0.5 * (1 + math.cos(math.pi * 499 / 500)))
+    cosine = _schedule(ConditionConfig(steps=1000))
+    assert cosine(0) == pytest.approx(1.0) and cosine(500) == pytest.approx(0.5)

@@ -360,3 +360,42 @@ def test_cli_streaming(bert_sources, tmp_path: Path) -> None:
     )
     assert refused.exit_code != 0 and not (tmp_path / "e").exists()
     assert "streaming" in str(refused.exception) + refused.output
+
+
+def _conv_sources(tmp_path: Path, with_matrix: bool) -> tuple[Path, list[Path]]:
+    generator = torch.Generator().manual_seed(5)
+    pre = {
+        "conv.weight": torch.randn(4, 3, 3, 3, generator=generator),
+        "conv.bias": torch.randn(4, generator=generator),
+    }
+    if with_matrix:
+        pre["block.proj.weight"] = torch.randn(5, 4, generator=generator)
+    save_state_dict(pre, tmp_path / "pre")
+    paths = []
+    for i in range(2):
+        save_state_dict(
+            {k: v + 0.1 * torch.randn(v.shape, generator=generator) for k, v in pre.items()}, tmp_path / f"{i}"
+        )
+        paths.append(tmp_path / f"{i}")
+    return tmp_path / "pre", paths
+
+
+@pytest.mark.parametrize("with_matrix", [True, False])
+def test_the_no_matrix_warning_looks_at_the_whole_model(
+    tmp_path: Path, with_matrix: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Streaming merges a key at a time; a lone conv kernel used to trigger 'selects no key ... pass
+    all_2d_and_conv' although the model's matrices were merged as matrices (advice that changes results)."""
+    pre_dir, sources = _conv_sources(tmp_path, with_matrix)
+    with caplog.at_level("WARNING", logger="distac.merging"):
+        record = streaming_merge(pre_dir, sources, method="tsvm", output=tmp_path / "out")
+    warnings = caplog.text.count("selects no key")
+    assert warnings == (0 if with_matrix else 1), caplog.text
+    assert record["info"].get("matrix_keys", []) == (["block.proj.weight"] if with_matrix else [])
+
+
+def test_a_merge_that_overflows_the_dtype_is_refused_not_written(tmp_path: Path) -> None:
+    pre_dir, sources = _toy_sources(tmp_path, torch.float16)
+    with pytest.raises(CheckpointError, match=r"NaN/Inf values in a\.weight .*coefficient too large"):
+        streaming_merge(pre_dir, sources, method="task_arithmetic", coefficient=1e7, output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -412,7 +412,10 @@ def _merge_distac_models(
             hyperparameters=hyper,
         )
         coefficient = evaluation.coefficient
+        if evaluation.lambda_t_search is not None:  # TALL masks / Consensus TA: the lambda_t chosen per task
+            hyper = {**hyper, "lambda_t": evaluation.lambda_t_search["best"]}
         extra = {
+            "lambda_t_search": evaluation.lambda_t_search,
             "search": evaluation.search,
             "test": evaluation.test,
             "absolute": evaluation.absolute,

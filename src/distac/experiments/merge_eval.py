@@ -17,6 +17,7 @@ Accuracy is unchanged by a temperature, so only the confidence metrics move.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -34,6 +35,7 @@ from distac.evaluation.metrics import TaskMetrics, compute_metrics
 from distac.merging.base import MergeResult, apply_merge
 from distac.merging.coefficient_search import search_coefficient
 from distac.merging.registry import get_method
+from distac.merging.tall_masks import TALL_LAMBDA_GRID, TallLambdaSearchResult, search_tall_lambdas
 from distac.models.base import ClassifierModel
 from distac.models.batchnorm import (
     BATCHNORM_CHOICES,
@@ -54,8 +56,9 @@ class EvalSettings:
     test_examples: int | None = None
     batchnorm_statistics: str = "auto"  # auto / recompute: re-estimate for merged backbones; keep: the source's
     batchnorm_examples: int = DEFAULT_BATCHNORM_EXAMPLES
-    #: Search lambda on validation for the tuning-free methods too (EMR, WUDI). Off: they merge at
-    #: their paper's 1.0, as METHODS-SPEC 4.10 has it; the text8 and vision pages were made with it on.
+    #: Search lambda on validation for the tuning-free methods too (EMR, WUDI, TALL masks, average). Off:
+    #: they merge at their paper's 1.0, as METHODS-SPEC 4.10 has it; the text8 and vision pages were made
+    #: with it on.
     search_tuning_free: bool = False
 
     def __post_init__(self) -> None:
@@ -163,6 +166,8 @@ class MergeEvaluation:
     info: dict[str, Any] = field(default_factory=dict)
     #: "recompute" when the merged backbones got freshly estimated BatchNorm statistics, else "keep"
     batchnorm_statistics: str = "keep"
+    #: TALL masks / Consensus TA: the per-task lambda_t chosen on validation (None: given, not searched)
+    lambda_t_search: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -175,6 +180,7 @@ class MergeEvaluation:
             "search": self.search,
             "info": self.info,
             "batchnorm_statistics": self.batchnorm_statistics,
+            "lambda_t_search": self.lambda_t_search,
         }
 
 
@@ -190,12 +196,26 @@ def evaluate_method(
     hyperparameters: Mapping[str, Any] | None = None,
     coefficient: float | None = None,
 ) -> MergeEvaluation:
-    """Merge, pick the coefficient on validation (unless given or the method has none), test."""
+    """Merge, pick the coefficient on validation (unless given or the method has none), test.
+
+    TALL masks and Consensus TA first choose their mask threshold lambda_t per task on validation, as
+    their paper does (:func:`choose_tall_lambdas`), unless the hyperparameters pin ``lambda_t``."""
     names = list(task_vectors)
-    merger = get_method(method, **dict(hyperparameters or {}))
+    options = dict(hyperparameters or {})
+    configured = get_method(method, **options)
+    lambda_search = None
+    if searches_tall_lambdas(method, options):
+        start = time.perf_counter()
+        lambda_search = choose_tall_lambdas(pretrained, task_vectors, bank, options).to_json()
+        lambda_search["seconds"] = time.perf_counter() - start
+        options["lambda_t"] = lambda_search["best"]
+    merger = get_method(method, **options)
     start = time.perf_counter()
     result: MergeResult = merger.merge([task_vectors[t] for t in names], task_names=names, pretrained=pretrained)
     merge_seconds = time.perf_counter() - start
+    # the record keeps the configured hyperparameters (what a cached merge is matched on); the lambdas
+    # used are in the info's ``lambdas`` and how they were chosen in ``lambda_t_search``
+    info = {**result.info, "hyperparameters": configured.hyperparameters}
 
     def merged_for(task: str, coef: float) -> StateDict:
         return apply_merge(pretrained, result, coef, task=task if result.per_task is not None else None)
@@ -242,6 +262,43 @@ def evaluate_method(
         absolute,
         normalized,
         merge_seconds,
-        info=result.info,
+        info=info,
         batchnorm_statistics=bank.batchnorm_mode(names),
+        lambda_t_search=lambda_search,
     )
+
+
+#: Methods built on TALL masks, whose mask threshold lambda_t is chosen per task on validation.
+TALL_MASK_METHODS = ("tall_masks", "consensus_ta")
+
+
+def searches_tall_lambdas(method: str, hyperparameters: Mapping[str, Any] | None) -> bool:
+    """Whether :func:`evaluate_method` chooses lambda_t on validation: for TALL masks and Consensus TA,
+    unless ``lambda_t`` is given (a float for every task, or one per task)."""
+    return method in TALL_MASK_METHODS and "lambda_t" not in (hyperparameters or {})
+
+
+def choose_tall_lambdas(
+    pretrained: StateDict,
+    task_vectors: Mapping[str, StateDict],
+    bank: TaskModelBank,
+    hyperparameters: Mapping[str, Any] | None = None,
+    grid: Sequence[float] = TALL_LAMBDA_GRID,
+) -> TallLambdaSearchResult:
+    """lambda_t per task as the TALL-masks paper chooses it (METHODS-SPEC 4.3; Consensus TA reuses the
+    masks, 4.4): for each lambda of ``grid``, the task's own TALL-masked model theta_0 + m_t * tau_MTL
+    (coefficient 1) is scored on that task's validation split, and each task keeps its best lambda.
+    tau_MTL follows the method's ``use_ties`` / ``ties_density``. One TALL merge per lambda is held
+    at a time."""
+    names = list(task_vectors)
+    shared = {k: v for k, v in (hyperparameters or {}).items() if k in ("use_ties", "ties_density", "device")}
+
+    @functools.lru_cache(maxsize=1)
+    def masked(lambda_t: float) -> MergeResult:
+        method = get_method("tall_masks", lambda_t=lambda_t, **shared)
+        return method.merge([task_vectors[t] for t in names], task_names=names, pretrained=pretrained)
+
+    def score(task: str, lambda_t: float) -> float:
+        return bank.score(task, apply_merge(pretrained, masked(lambda_t), 1.0, task=task), "validation").score
+
+    return search_tall_lambdas(score, names, grid)

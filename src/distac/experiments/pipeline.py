@@ -34,7 +34,13 @@ from distac.data import TaskData, load_task
 from distac.environment import environment_record
 from distac.errors import ConfigError
 from distac.experiments.config import ExperimentConfig, scenario_kind, study_kind
-from distac.experiments.merge_eval import EvalSettings, TaskModelBank, evaluate_method, individual_scores
+from distac.experiments.merge_eval import (
+    EvalSettings,
+    TaskModelBank,
+    evaluate_method,
+    individual_scores,
+    searches_tall_lambdas,
+)
 from distac.models import ModelSpec, build_model, load_model, save_model
 from distac.models.base import ClassifierModel
 from distac.models.batchnorm import has_batchnorm
@@ -309,6 +315,8 @@ class ExperimentRunner:
                     cached.get("info", {}).get("hyperparameters") == self._method_hyperparameters(method)
                     and cached.get("batchnorm_statistics", "keep") == batchnorm
                     and (cached.get("search") is not None) == (grid is not None)
+                    and (cached.get("lambda_t_search") is not None)
+                    == searches_tall_lambdas(method, self.config.method_options.get(method))
                 ):
                     results[method] = cached
                     continue

@@ -20,10 +20,12 @@ Conventions shared by every method (see the method modules for what each does pe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -345,7 +347,8 @@ class MergeMethod(ABC):
     task_conditional: ClassVar[bool] = False
     default_coefficient: ClassVar[float]
     #: Whether the method's paper tunes a global scale on validation data (METHODS-SPEC 4.10). EMR and
-    #: WUDI are tuning-free: experiments merge them at ``default_coefficient`` unless told otherwise.
+    #: WUDI are tuning-free, TALL masks and the plain average use a fixed scale: experiments merge them
+    #: at ``default_coefficient`` unless told otherwise.
     tunes_coefficient: ClassVar[bool] = True
 
     def __init__(self, *, device: str | torch.device | None = None) -> None:
@@ -403,10 +406,33 @@ class MergeMethod(ABC):
         return f"{type(self).__name__}({params})"
 
 
+#: True while a caller merges one key at a time (the streaming merge): a single key says nothing
+#: about whether the model has matrices, so that caller makes the whole-model check itself.
+_MERGING_ONE_KEY_AT_A_TIME: ContextVar[bool] = ContextVar("distac_merging_one_key_at_a_time", default=False)
+
+
+@contextlib.contextmanager
+def one_key_at_a_time() -> Iterator[None]:
+    """Silence :func:`warn_if_no_matrices` inside per-key ``merge()`` calls."""
+    token = _MERGING_ONE_KEY_AT_A_TIME.set(True)
+    try:
+        yield
+    finally:
+        _MERGING_ONE_KEY_AT_A_TIME.reset(token)
+
+
 def warn_if_no_matrices(method: MergeMethod, inputs: MergeInputs, matrix_keys: list[str]) -> None:
     """The SVD/interference methods act on matrix keys only; on a model where the rule selects none
     (a CNN under ``all_2d``) they silently become averaging. Say so."""
-    if not matrix_keys and any(inputs.task_vectors[0][k].ndim >= 3 for k in inputs.keys):
+    if _MERGING_ONE_KEY_AT_A_TIME.get():
+        return
+    warn_if_no_matrix_keys(method, [inputs.task_vectors[0][k] for k in inputs.keys], matrix_keys)
+
+
+def warn_if_no_matrix_keys(method: MergeMethod, tensors: Iterable[torch.Tensor], matrix_keys: Sequence[str]) -> None:
+    """The warning of :func:`warn_if_no_matrices` for any tensors (meta tensors included): no matrix key
+    although some tensor has 3+ dimensions (a conv kernel)."""
+    if not matrix_keys and any(t.ndim >= 3 for t in tensors):
         log.warning(
             "%s: matrix_keys=%r selects no key of these task vectors, so every key is merged by the "
             "non-matrix rule; for convolutional models pass matrix_keys='all_2d_and_conv'",

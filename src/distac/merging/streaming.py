@@ -79,7 +79,13 @@ from distac.checkpoints import (
     open_checkpoint,
 )
 from distac.errors import CheckpointError
-from distac.merging.base import MergeConfigError, MergeMethod, json_float
+from distac.merging.base import (
+    MergeConfigError,
+    MergeMethod,
+    json_float,
+    one_key_at_a_time,
+    warn_if_no_matrix_keys,
+)
 from distac.merging.registry import get_method
 from distac.merging.ties import Ties, _disjoint
 from distac.task_vectors import ParameterSelector
@@ -599,8 +605,12 @@ def streaming_merge(
         passes = 3 if math.isfinite(thresholds[0]) else 2
         ties_state = _TiesState(thresholds=thresholds, mean=merger.merge_func == "mean", kept=[0] * len(sources))
 
+    is_matrix = getattr(merger, "is_matrix", None)  # TSVM, Iso-C/CTS, WUDI: the whole model's check, once
+    if is_matrix is not None:
+        merged_meta = [plan.meta[k] for k in plan.selected]
+        warn_if_no_matrix_keys(merger, merged_meta, [k for k in plan.selected if is_matrix(k, plan.meta[k])])
     metadata = {"distac": "streaming_merge", "method": merger.name, "coefficient": repr(coef)}
-    with atomic_directory(output) as tmp:
+    with atomic_directory(output) as tmp, one_key_at_a_time():
         writer = _ShardWriter(tmp, plan.meta, max_shard_bytes, metadata)
         try:
             for key in plan.keys:
@@ -615,8 +625,13 @@ def streaming_merge(
                     info.add(result.info)
                     update = result.task_vector[key]
                 del taus
-                value = pre.float() + coef * update.to(dtype=torch.float32)
-                writer.write(key, value.to(pre.dtype))
+                value = (pre.float() + coef * update.to(dtype=torch.float32)).to(pre.dtype)
+                if not torch.isfinite(value).all():  # as the in-memory merge: never write a model distac refuses
+                    raise CheckpointError(
+                        f"the {merger.name} merge at lambda={coef} has NaN/Inf values in {key} "
+                        f"({pre.dtype}); a coefficient too large for the weights' dtype?"
+                    )
+                writer.write(key, value)
                 del value, update
             if ties_state is not None and ties_state.majority > 0:
                 for key, index, _, patched in ties_state.undecided:

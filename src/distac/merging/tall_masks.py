@@ -12,7 +12,8 @@ where the task's own update dominates what the other tasks add:
 
 with coefficient 1.0 (``default_coefficient``). ``lambda_t`` is chosen *per task* on that task's
 validation accuracy from {0.2, 0.3, 0.4, 0.5, 0.6} in the paper (:data:`TALL_LAMBDA_GRID`,
-:func:`search_tall_lambdas`). Without that search the default is 0.6 (FusionBench's single
+:func:`search_tall_lambdas`); experiments and ``distac merge --search`` do that for TALL masks and
+Consensus TA unless ``lambda_t`` is given. Without that search the default is 0.6 (FusionBench's single
 default, the top of the paper's grid). ``lambda_t`` is a float (all tasks) or a mapping task ->
 lambda covering every task. With one task, tau_MTL = tau_1 and the mask keeps every nonzero entry,
 so theta_1 is reproduced exactly.
@@ -127,6 +128,7 @@ class TallMasks(_TallBase):
     name: ClassVar[str] = "tall_masks"
     task_conditional: ClassVar[bool] = True
     default_coefficient: ClassVar[float] = 1.0
+    tunes_coefficient: ClassVar[bool] = False  # coefficient 1.0 (METHODS-SPEC 4.3); lambda_t is what is tuned
 
     def __init__(
         self,
