@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -272,3 +273,77 @@ def test_a_local_timm_directory_is_a_backbone_with_its_weights(tmp_path: Path) -
     again = load_model(tmp_path / "saved")
     images = np.random.default_rng(0).integers(0, 255, (2, 40, 40, 3), dtype=np.uint8)
     assert torch.allclose(predict_logits(again, images), predict_logits(first, images), atol=1e-6)
+
+
+def _bert_copy_with(tiny_bert_dir: Path, target: Path, change) -> Path:  # noqa: ANN001
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tiny_bert_dir, target)
+    state = load_file(str(target / "model.safetensors"))
+    change(state)
+    save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
+    return target
+
+
+def test_a_pretrained_backbone_missing_weights_or_with_nan_is_refused(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """transformers fills missing weights with a fresh random init (a different theta_pre at every rebuild);
+    NaN weights train to a model distac refuses to load. Both are errors naming the checkpoint."""
+    key = "encoder.layer.1.output.dense.weight"
+    missing = _bert_copy_with(tiny_bert_dir, tmp_path / "missing", lambda s: s.pop(key))
+    with pytest.raises(CheckpointError, match=rf"{missing}: the pretrained checkpoint lacks 1 weight.*{key}"):
+        build_model(ModelSpec("hf-text", str(missing), 2))
+
+    def poison(state: dict) -> None:
+        state[key][0, 0] = float("nan")
+
+    nan = _bert_copy_with(tiny_bert_dir, tmp_path / "nan", poison)
+    with pytest.raises(CheckpointError, match=r"nan: tensor .*output\.dense\.weight' contains 1 NaN/Inf"):
+        build_model(ModelSpec("hf-text", str(nan), 2))
+
+
+def test_clip_image_tower_alone_is_refused_not_replaced_by_a_random_clip(tiny_clip_dir: Path, tmp_path: Path) -> None:
+    from transformers import CLIPModel, CLIPVisionModel
+
+    vision_only = tmp_path / "vision_only"
+    full = CLIPModel.from_pretrained(tiny_clip_dir)
+    CLIPVisionModel(full.config.vision_config).save_pretrained(vision_only)
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "preprocessor_config.json"):
+        if (tiny_clip_dir / name).is_file():
+            shutil.copy(tiny_clip_dir / name, vision_only)
+    spec = ModelSpec("clip", str(vision_only), 2, task="t", class_names=["a", "b"])
+    with pytest.raises(CheckpointError, match=r"model_type 'clip_vision_model', not a full CLIP checkpoint"):
+        build_model(spec)
+
+
+def test_backbone_weights_drop_the_files_classifier_and_refuse_another_architecture(tmp_path: Path) -> None:
+    """A torchvision / timm weights file with its own classifier (any class count) is a backbone; a file of
+    another architecture used to load in part (timm) or crash with a raw size-mismatch traceback."""
+    import timm
+    import torchvision
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    cifar = torchvision.models.resnet18(num_classes=10)
+    save_file(cifar.state_dict(), str(tmp_path / "resnet18_cifar10.safetensors"))
+    spec = ModelSpec(
+        "timm",
+        "torchvision:resnet18",
+        3,
+        task="toy",
+        options={"weights": str(tmp_path / "resnet18_cifar10.safetensors")},
+    )
+    model = build_model(spec)
+    assert torch.equal(
+        model.backbone.state_dict()["layer4.1.conv2.weight"], cifar.state_dict()["layer4.1.conv2.weight"]
+    )
+
+    other = timm.create_model("test_vit", num_classes=5)
+    save_file(other.state_dict(), str(tmp_path / "vit.safetensors"))
+    with pytest.raises(
+        CheckpointError, match=r"vit\.safetensors: not test_resnet backbone weights: lacks .*another arch"
+    ):
+        build_model(
+            ModelSpec("timm", "test_resnet", 3, task="toy", options={"weights": str(tmp_path / "vit.safetensors")})
+        )
+    with pytest.raises(CheckpointError, match=r"not torchvision:resnet34 backbone weights: lacks"):
+        build_model(dataclasses.replace(spec, backbone="torchvision:resnet34"))

@@ -234,6 +234,29 @@ class ZeroShotHead(nn.Module):
         return self.logit_scale * F.normalize(features, dim=-1) @ self.weight.t().to(features.dtype)
 
 
+def check_pretrained_load(model: nn.Module, loading_info: Mapping[str, Any], source: object) -> None:
+    """A pretrained backbone must come from its checkpoint whole and finite.
+
+    transformers fills weights a checkpoint lacks with a fresh random init and only logs it; for a
+    pretrained model that is theta_pre, and a different random draw at every rebuild (merge, diagnose
+    and condition rebuild it from the spec) makes those parts of every task vector noise. NaN weights
+    would train to a NaN model that distac then refuses to load. Both are errors here, naming the
+    checkpoint. ``loading_info`` is what ``from_pretrained(..., output_loading_info=True)`` returns."""
+    from distac.checkpoints import check_state_finite
+
+    missing = sorted(loading_info.get("missing_keys") or [])
+    mismatched = [str(m[0] if isinstance(m, tuple | list) else m) for m in loading_info.get("mismatched_keys") or []]
+    if missing or mismatched:
+        detail = f"lacks {len(missing)} weight(s), e.g. {missing[:5]}" if missing else ""
+        if mismatched:
+            detail += ("; " if detail else "") + f"has other shapes for {mismatched[:5]}"
+        raise CheckpointError(
+            f"{source}: the pretrained checkpoint {detail}; they would be random (and different at every "
+            "rebuild of theta_pre). Give the complete checkpoint of this architecture"
+        )
+    check_state_finite(model.state_dict(), source)
+
+
 def statistic_patterns() -> tuple[str, ...]:
     return DEFAULT_STATISTIC_PATTERNS
 

@@ -8,6 +8,7 @@ averaged over templates, through CLIP's frozen text encoder (Ilharco et al. 2023
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distac.errors import DataError
-from distac.models.base import ClassifierModel, Inputs, ModelSpec, ZeroShotHead
+from distac.errors import CheckpointError, DataError
+from distac.models.base import ClassifierModel, Inputs, ModelSpec, ZeroShotHead, check_pretrained_load
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -63,6 +64,25 @@ def build_zeroshot_embeddings(
     return torch.stack(rows)
 
 
+def _require_full_clip(source: str) -> None:
+    """CLIP's zero-shot heads are its text tower's embeddings of the class names: a checkpoint of the
+    image tower alone (``CLIPVisionModel``, ``CLIPVisionModelWithProjection``) cannot make them, and
+    ``CLIPModel.from_pretrained`` would build a default-size random CLIP from it without a word."""
+    config_file = Path(source) / "config.json"
+    if not config_file.is_file():
+        return  # a hub name: transformers resolves and checks it
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError) as error:
+        raise CheckpointError(f"{config_file}: unreadable config ({error})") from error
+    if model_type != "clip":
+        raise CheckpointError(
+            f"{source}: model_type {model_type!r}, not a full CLIP checkpoint ('clip'). --family clip builds "
+            "zero-shot heads from CLIP's text tower, so it needs the CLIPModel checkpoint (image and text towers, "
+            "e.g. openai/clip-vit-base-patch32 saved with save_pretrained)"
+        )
+
+
 class CLIPClassifier(ClassifierModel):
     family: ClassVar[str] = "clip"
 
@@ -72,7 +92,12 @@ class CLIPClassifier(ClassifierModel):
 
         source = str(local_dir) if local_dir is not None and (local_dir / "config.json").is_file() else spec.backbone
         self.source_path = source
-        clip = CLIPModel.from_pretrained(source) if pretrained else CLIPModel(CLIPConfig.from_pretrained(source))
+        _require_full_clip(source)
+        if pretrained:
+            clip, loading = CLIPModel.from_pretrained(source, output_loading_info=True)
+            check_pretrained_load(clip, loading, source)
+        else:
+            clip = CLIPModel(CLIPConfig.from_pretrained(source))
         clip = clip.float()  # float32 whatever the checkpoint's dtype (see TextClassifier)
         self.processor = CLIPImageProcessor.from_pretrained(source)
         self.tokenizer = AutoTokenizer.from_pretrained(source)

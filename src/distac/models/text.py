@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from distac.errors import CheckpointError, DataError
-from distac.models.base import ClassifierModel, Inputs, ModelSpec, ZeroShotHead
+from distac.models.base import ClassifierModel, Inputs, ModelSpec, ZeroShotHead, check_pretrained_load
 
 log = logging.getLogger("distac.models")
 
@@ -94,7 +94,8 @@ class TextClassifier(ClassifierModel):
         source = _resolve_backbone_path(spec, local_dir)
         self.source_path = source
         if pretrained:
-            backbone = AutoModel.from_pretrained(source, add_pooling_layer=False)
+            backbone, loading = AutoModel.from_pretrained(source, add_pooling_layer=False, output_loading_info=True)
+            check_pretrained_load(backbone, loading, source)
         else:
             backbone = AutoModel.from_config(AutoConfig.from_pretrained(source), add_pooling_layer=False)
         # float32 weights whatever the checkpoint's dtype (transformers 5 keeps a float16 file in

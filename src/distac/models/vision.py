@@ -87,9 +87,9 @@ def build_backbone(name: str, *, pretrained: bool, weights: str | None) -> tuple
             model = tv.models.get_model(arch, weights=None)
         except ValueError as error:
             raise ConfigError(f"backbone {name!r}: torchvision has no model {arch!r}") from error
+        features, head = _strip_torchvision_classifier(model)
         if pretrained and weights:
-            model.load_state_dict(load_state_dict(weights))
-        features = _strip_torchvision_classifier(model)
+            _load_backbone_weights(model, weights, name, head_prefixes=(f"{head}.",))
         return model, features, {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "image_size": 224}
     timm = import_timm()
     local = Path(name).expanduser()
@@ -106,11 +106,9 @@ def build_backbone(name: str, *, pretrained: bool, weights: str | None) -> tuple
     except RuntimeError as error:  # timm: "Unknown model (...)"
         raise ConfigError(f"backbone {name!r}: {error}") from error
     if pretrained and weights and weights != "hub":
-        state = load_state_dict(weights)
-        state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier.", "head.fc."))}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing:
-            raise CheckpointError(f"{weights}: missing backbone weights for {arch}: {missing[:5]}")
+        classifier = (model.pretrained_cfg or {}).get("classifier") or "fc"
+        heads = classifier if isinstance(classifier, list | tuple) else (classifier,)
+        _load_backbone_weights(model, weights, arch, head_prefixes=tuple(f"{h}." for h in heads))
     cfg = model.pretrained_cfg or {}
     size = cfg.get("input_size", (3, 224, 224))[-1]
     preprocess = {"mean": cfg.get("mean", (0.5,) * 3), "std": cfg.get("std", (0.5,) * 3), "image_size": size}
@@ -152,7 +150,35 @@ def _timm_directory(directory: Path, *, need_weights: bool) -> tuple[str, Path |
     raise CheckpointError(f"{directory}: no model.safetensors (or pytorch_model.bin) next to config.json")
 
 
-def _strip_torchvision_classifier(model: nn.Module) -> int:
+def _load_backbone_weights(model: nn.Module, file: str, arch: str, *, head_prefixes: tuple[str, ...]) -> None:
+    """Load a weights file into a backbone whose classifier is gone: the file's classifier (any number of
+    classes) is dropped; anything else that does not fit is an error naming the file, since a backbone
+    filled in part from its random init (or from another architecture) is no theta_pre."""
+    state = {k: v for k, v in load_state_dict(file).items() if not k.startswith(head_prefixes)}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"lacks {len(missing)} weight(s) of {arch}, e.g. {missing[:3]}")
+    if unexpected:
+        problems.append(f"has {len(unexpected)} weight(s) {arch} does not, e.g. {unexpected[:3]}")
+    if mismatched:
+        problems.append(f"has other shapes: {mismatched[:3]}")
+    if problems:
+        raise CheckpointError(
+            f"{file}: not {arch} backbone weights: " + "; ".join(problems) + " (another architecture?)"
+        )
+    model.load_state_dict(state)
+
+
+def _strip_torchvision_classifier(model: nn.Module) -> tuple[int, str]:
+    """Replace the classifier by an identity; return (feature dim, the classifier's attribute name)."""
     for attr in ("fc", "classifier", "heads", "head"):
         module = getattr(model, attr, None)
         if module is None:
@@ -164,7 +190,7 @@ def _strip_torchvision_classifier(model: nn.Module) -> int:
         )
         if linear is not None:
             setattr(model, attr, nn.Identity())
-            return int(linear.in_features)
+            return int(linear.in_features), attr
     raise CheckpointError(f"cannot find the classifier of torchvision model {type(model).__name__}")
 
 
