@@ -263,8 +263,65 @@ def _as_state_dict(obj: object, file: Path) -> StateDict:
         keys = [str(k) for k in obj]
         if len(set(keys)) != len(keys):
             raise CheckpointError(f"{file}: not a state dict: keys collide when converted to strings")
-        return {str(k): v for k, v in obj.items()}
+        return _drop_tied_copies({str(k): v for k, v in obj.items()})
     raise CheckpointError(f"{file}: not a state dict (found {type(obj).__name__})")
+
+
+def _drop_tied_copies(state: StateDict) -> StateDict:
+    """Keep the first of several keys that are one tensor (tied weights: a decoder sharing the word
+    embeddings). ``torch.save`` stores every name of a tied tensor, ``save_pretrained`` only the first, so
+    without this the same fine-tune would have a longer task vector (the tied tensor counted twice) and a
+    different key set depending on how it was saved."""
+    seen: set[tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype]] = set()
+    out: StateDict = {}
+    for key, tensor in state.items():
+        ident = (
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tuple(tensor.stride()),
+            tensor.dtype,
+        )
+        if tensor.numel() and ident in seen:
+            continue
+        seen.add(ident)
+        out[key] = tensor
+    return out
+
+
+def base_model_prefix(pretrained_keys: Iterable[str], source_keys: Iterable[str]) -> str:
+    """The prefix under which a fine-tuned checkpoint stores the pretrained model's keys, or "".
+
+    A checkpoint fine-tuned from a base encoder by a task class stores the encoder under the class's
+    base-model prefix (``BertModel``'s ``embeddings.*`` is ``bert.embeddings.*`` in
+    ``BertForSequenceClassification``), and a DDP-wrapped one under ``module.``. The prefix is the one
+    that makes the most pretrained keys present, if that is more than without a prefix."""
+    pretrained_keys = list(pretrained_keys)
+    source = set(source_keys)
+    found = sum(k in source for k in pretrained_keys)
+    absent = next((k for k in pretrained_keys if k not in source), None)
+    if absent is None:
+        return ""
+    candidates = {s[: -len(absent)] for s in source if s.endswith("." + absent)}
+    best, best_found = "", found
+    for prefix in sorted(candidates, key=len):
+        count = sum(prefix + k in source for k in pretrained_keys)
+        if count > best_found:
+            best, best_found = prefix, count
+    return best
+
+
+def strip_key_prefix(state: Mapping[str, torch.Tensor], prefix: str, source: object) -> StateDict:
+    """``state`` with ``prefix`` removed from the keys that have it (the others, a task head, stay)."""
+    if not prefix:
+        return dict(state)
+    out: StateDict = {}
+    for key, tensor in state.items():
+        name = key[len(prefix) :] if key.startswith(prefix) else key
+        if name in out:
+            raise CheckpointError(f"{source}: both {key!r} and {name!r} are stored; cannot tell which is the model's")
+        out[name] = tensor
+    return out
 
 
 def _check_shard_name(index_file: Path, key: object, name: object) -> str:

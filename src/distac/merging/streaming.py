@@ -75,6 +75,7 @@ from distac.checkpoints import (
     SAFETENSORS_NAME,
     CheckpointReader,
     _plan_shards,
+    base_model_prefix,
     copy_config_files,
     open_checkpoint,
 )
@@ -135,16 +136,31 @@ class _Source:
                     "tensor by tensor); convert it or merge without --streaming"
                 )
             self.adapter, self.reader = None, opened
+        #: the stored name of each key under the pretrained model's naming: a task-class checkpoint keeps the
+        #: base encoder under its prefix (bert.*), a DDP one under module. (see base_model_prefix)
+        self._stored: dict[str, str] = {}
         self._shapes: dict[str, tuple[tuple[int, ...], str]] | None = None
+        if self.reader is not None:
+            stored_keys = self.reader.keys()
+            prefix = base_model_prefix(pretrained.keys(), stored_keys)
+            for stored in stored_keys:
+                name = stored[len(prefix) :] if prefix and stored.startswith(prefix) else stored
+                if name in self._stored:
+                    raise CheckpointError(f"{path}: both {stored!r} and {name!r} are stored; cannot tell which to use")
+                self._stored[name] = stored
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """Shape and dtype per key, from the headers (read once)."""
         if self._shapes is None:
-            self._shapes = self.adapter.shapes() if self.adapter is not None else self.reader.shapes()  # type: ignore[union-attr]
+            if self.adapter is not None:
+                self._shapes = self.adapter.shapes()
+            else:
+                stored = self.reader.shapes()  # type: ignore[union-attr]
+                self._shapes = {name: stored[raw] for name, raw in self._stored.items()}
         return self._shapes
 
     def file_of(self, key: str) -> Path:
-        return self.adapter.file_of(key) if self.adapter is not None else self.reader.files[key]  # type: ignore[union-attr]
+        return self.adapter.file_of(key) if self.adapter is not None else self.reader.files[self._stored[key]]  # type: ignore[union-attr]
 
     def has(self, key: str) -> bool:
         return key in self.shapes()
@@ -153,12 +169,12 @@ class _Source:
         """A tensor the pretrained checkpoint lacks (a task head, a buffer): read as stored. Only
         checkpoint sources have such keys: an adapter's key set is its base's (``LoraSource.shapes``)."""
         assert self.reader is not None, "adapter sources have no keys beyond the pretrained checkpoint's"
-        return self.reader.get(key)
+        return self.reader.get(self._stored[key])
 
     def tensor(self, key: str, pretrained: torch.Tensor) -> torch.Tensor:
         if self.adapter is not None:
             return self.adapter.finetuned(key, pretrained)
-        return self.reader.get(key)  # type: ignore[union-attr]
+        return self.reader.get(self._stored[key])  # type: ignore[union-attr]
 
 
 def _check_finite(tensor: torch.Tensor, file: Path, key: str) -> None:
