@@ -80,3 +80,31 @@ def test_json_is_strict_undefined_numbers_become_null(tmp_path: Path) -> None:
     text = path.read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"normalized": None, "rows": [1.5, None, None], "n": 3}
+
+
+def test_temporaries_of_killed_writers_are_removed_by_the_next_write(tmp_path: Path) -> None:
+    """A SIGKILL between writing and renaming leaves ``.<name>.<host>.<pid>-*.tmp``; the next write of the
+    same target deletes it when that process is gone, and keeps those of live processes and other hosts."""
+    import subprocess
+    import sys
+
+    from distac.atomic import _HOST, visible
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    target = tmp_path / "results.json"
+    stale_file = tmp_path / f".results.json.{_HOST}.{dead_pid}-abc.tmp"
+    stale_file.write_text("half")
+    stale_dir = tmp_path / f".results.json.{_HOST}.{dead_pid}-def.tmp"
+    (stale_dir / "inner").mkdir(parents=True)
+    live = tmp_path / f".results.json.{_HOST}.{os.getpid()}-ghi.tmp"
+    live.write_text("being written")
+    elsewhere = tmp_path / f".results.json.otherhost.{dead_pid}-jkl.tmp"
+    elsewhere.write_text("another machine's")
+    atomic_write_json(target, {"ok": True})
+    assert not stale_file.exists() and not stale_dir.exists()
+    assert live.exists() and elsewhere.exists() and json.loads(target.read_text()) == {"ok": True}
+    # globs over a run dir skip such hidden leftovers (a stage counted twice, a duplicate plot curve)
+    (tmp_path / "conditioned" / ".x.tmp").mkdir(parents=True)
+    (tmp_path / "conditioned" / "x").mkdir()
+    assert visible(tmp_path.glob("conditioned/*"), tmp_path) == [tmp_path / "conditioned" / "x"]

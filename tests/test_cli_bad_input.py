@@ -277,3 +277,35 @@ def test_calibrate_and_evaluate_name_a_model_whose_logits_overflow(
     shutil.copy(tmp_path / "weights" / "model.safetensors", broken / "model.safetensors")
     for command in ("calibrate", "evaluate"):
         _fails([command, str(broken), "--examples", "8", *_data(data_root)], str(broken), "NaN/Inf logits")
+
+
+def test_a_full_or_read_only_disk_is_one_line_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import errno
+    import os
+
+    import distac.cli as cli
+    from distac.atomic import atomic_path
+    from distac.checkpoints import check_output_path
+
+    def full_disk() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "results.json"))
+
+    monkeypatch.setattr(cli, "app", full_disk)
+    with pytest.raises(SystemExit) as stop:
+        cli.main()
+    assert stop.value.code == 2
+    assert f"error: cannot write {tmp_path / 'results.json'}: No space left on device" in capsys.readouterr().err
+
+    # torch.save on a full disk raises a RuntimeError ("unexpected pos ..."): reported as the full disk it is
+    monkeypatch.setattr("distac.atomic._nearly_full", lambda directory: True)
+    with pytest.raises(OSError, match="no space left") as full, atomic_path(tmp_path / "state.pt"):
+        raise RuntimeError("[enforce fail at inline_container.cc] . unexpected pos 57984 vs 57878")
+    assert full.value.errno == errno.ENOSPC and not list(tmp_path.glob(".state.pt*"))
+
+    # an output under a directory that cannot be written is refused before any work (fine-tuning used to
+    # train fully, then fail creating its temporary directory)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(DistacError, match="is not writable"):
+        check_output_path(tmp_path / "out")

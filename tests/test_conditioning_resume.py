@@ -47,8 +47,18 @@ def test_resume_refuses_other_options_and_accepts_logging_changes(
     assert (work / STATE_FILE).is_file()
 
     for changed in ({"kappa": 0.4}, {"student_temperature": 2.0}, {"num_unlabeled": 16}):
-        with pytest.raises(CheckpointError, match=f"{STATE_FILE}.*other options \\({next(iter(changed))}\\)"):
+        with pytest.raises(CheckpointError, match=f"{STATE_FILE}.*other options or inputs \\({next(iter(changed))}"):
             condition(teacher, pretrained, task, replace(config, **changed), work_dir=work, progress=False)
+    # other inputs: another teacher (a source of the same task), another unlabeled subset. They used to
+    # resume the old student under the new teacher, or on other data
+    other_teacher = build_model(spec, pretrained=True)
+    with torch.no_grad():
+        next(other_teacher.backbone.parameters()).add_(0.01)
+    with pytest.raises(CheckpointError, match=r"other options or inputs \(run\.teacher\)"):
+        condition(other_teacher, pretrained, task, config, work_dir=work, progress=False)
+    other_data = load_task("sst2", data_root).limit(32, 16, 16, seed=1)
+    with pytest.raises(CheckpointError, match=r"other options or inputs \(run\.data\)"):
+        condition(teacher, pretrained, other_data, config, work_dir=work, progress=False)
     # logging and checkpoint cadence do not change the result: the run continues from step 2
     result = condition(teacher, pretrained, task, replace(config, log_every=1), work_dir=work, progress=False)
     assert not (work / STATE_FILE).exists()

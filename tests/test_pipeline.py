@@ -127,6 +127,10 @@ def test_pipeline_runs_every_scenario_and_resumes(
     cached = json.loads(next(tmp_path.glob("merges/original/*/ties.json")).read_text())
     assert cached["info"]["hyperparameters"]["density"] == 0.5
 
+    # The scale curve is cached with its scales: other scales are computed, not the cached curve returned.
+    curve_runner = ExperimentRunner(config, tmp_path, data_root=data_root, echo=lambda _: None)
+    assert [p["scale"] for p in curve_runner.scale_curve([0.0, 1.0])["curves"]["trec"]] == [0.0, 1.0]
+
 
 def _without_timings(value: object) -> object:
     """Results minus wall-clock fields, which legitimately differ between runs."""

@@ -7,12 +7,15 @@ either the old file is still there or the new one is complete.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
+import re
 import shutil
+import socket
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +25,17 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``target``; on success it is renamed onto ``target``."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    remove_stale_temporaries(target)
+    fd, tmp_name = tempfile.mkstemp(prefix=_temporary_prefix(target), suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except RuntimeError as error:  # torch.save on a full disk: "unexpected pos ..." says nothing useful
+            if _nearly_full(target.parent):
+                raise OSError(errno.ENOSPC, "no space left on the device", str(target)) from error
+            raise
         # mkstemp makes 0600, and some writers (safetensors' save_file) recreate the file 0600 themselves:
         # set the mode a plain open() would give after the writer is done.
         os.chmod(tmp, 0o666 & ~_umask())
@@ -69,6 +78,11 @@ def _finite(value: Any) -> Any:
 
 def atomic_write_json(target: str | os.PathLike[str], payload: Any) -> Path:
     return atomic_write_text(target, json_text(payload) + "\n")
+
+
+def atomic_copy(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> Path:
+    """Copy ``source`` onto ``target`` atomically: a full disk leaves the old file, never a cut-off one."""
+    return atomic_write_with(target, lambda tmp: shutil.copyfile(source, tmp))
 
 
 def atomic_write_with(target: str | os.PathLike[str], writer: Callable[[Path], None]) -> Path:
@@ -128,7 +142,8 @@ def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
     if problem:
         raise FileExistsError(f"{target}: {problem}; refusing to replace it. Choose another output")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    remove_stale_temporaries(target)
+    tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(target), suffix=".tmp", dir=target.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; as os.mkdir would
     try:
         yield tmp
@@ -144,6 +159,55 @@ def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+_HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"
+
+
+def _temporary_prefix(target: Path) -> str:
+    """``.<name>.<host>.<pid>-``: a temporary a killed process leaves behind can be told from a live one."""
+    return f".{target.name}.{_HOST}.{os.getpid()}-"
+
+
+def remove_stale_temporaries(target: Path) -> list[Path]:
+    """Delete the temporaries of ``target`` (files or directories) whose writer on this machine is gone:
+    a SIGKILL between writing and renaming leaves them, and a killed conditioning run left 87 MB each
+    time. Temporaries of live processes, of other machines and of older distac versions are kept."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.{_HOST}\.(\d+)-.*\.tmp$")
+    removed = []
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if match is None or _process_alive(int(match.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process: alive
+        return True
+    return True
+
+
+def _nearly_full(directory: Path, margin: int = 1 << 20) -> bool:
+    try:
+        return shutil.disk_usage(directory).free < margin
+    except OSError:
+        return False
 
 
 def _umask() -> int:
@@ -163,3 +227,9 @@ def _json_default(value: Any) -> Any:
 
         return dataclasses.asdict(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def visible(paths: Iterable[Path], root: Path) -> list[Path]:
+    """``paths`` minus those under a hidden name below ``root``: a glob's ``*`` matches the temporaries
+    (``.<name>.*.tmp``) and set-aside outputs (``.<name>.old``) of interrupted writes, which are no stage."""
+    return [p for p in paths if not any(part.startswith(".") for part in p.relative_to(root).parts)]

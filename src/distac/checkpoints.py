@@ -460,6 +460,8 @@ def check_output_path(
         if parent.exists():
             if not parent.is_dir():
                 raise CheckpointError(f"{output}: cannot write here, {parent} is a file, not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):  # a read-only disk, or no permission: fail before work
+                raise CheckpointError(f"{output}: cannot write here, {parent} is not writable")
             break
     if kind == "directory" and target.exists() and not target.is_dir():
         raise CheckpointError(

@@ -6,8 +6,10 @@ the Typer app here, so a command's options sit next to the code that runs it.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import signal
 import sys
 
 import typer
@@ -72,12 +74,34 @@ def _register_commands() -> None:
 _register_commands()
 
 
+#: OS errors that are the user's environment, not a bug: one line, not a traceback.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _on_interrupt(signum: int, frame: object) -> None:
+    typer.secho(
+        "\ninterrupted: finished stages and the last saved resume state are kept; rerun the same command to continue",
+        fg=typer.colors.YELLOW,
+        err=True,
+    )
+    raise KeyboardInterrupt
+
+
 def main() -> None:
-    """Entry point: distac errors become one clear line and exit code 2, not a traceback."""
+    """Entry point: distac errors, a full or read-only disk become one clear line and exit code 2, not a
+    traceback; Ctrl-C says how to continue (exit code 130)."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_interrupt)
     try:
         app()
     except DistacError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+    except OSError as exc:
+        if exc.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        typer.secho(f"error: cannot write{where}: {exc.strerror or exc}", fg=typer.colors.RED, err=True)
         sys.exit(2)
 
 

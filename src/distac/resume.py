@@ -15,16 +15,19 @@ The torch random-number generators (dropout) are saved per process (:func:`rng_s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from distac.atomic import atomic_path, atomic_write_json
+from distac.atomic import atomic_path, atomic_write_json, remove_stale_temporaries
 from distac.distributed import Runtime
 from distac.errors import CheckpointError
 
@@ -38,14 +41,58 @@ def resume_options(config: Any, free: tuple[str, ...]) -> dict[str, Any]:
 
 
 def check_resume_options(recorded: dict[str, Any], wanted: dict[str, Any], file: Path, run: str) -> None:
-    """Refuse to continue a state saved with other options: the result would be neither run."""
-    if recorded == wanted:
-        return
-    changed = sorted(k for k in set(wanted) | set(recorded) if recorded.get(k) != wanted.get(k))
-    raise CheckpointError(
-        f"{file} was saved by a {run} run with other options ({', '.join(changed)}): "
-        "rerun with the same options, or delete it to start over"
-    )
+    """Refuse to continue a state saved with other options or inputs (the ``run.*`` entries of
+    :func:`run_identity`): the result would be neither run. States saved before inputs were recorded
+    are checked on their options only."""
+    keys = [k for k in set(wanted) | set(recorded) if not (k.startswith(IDENTITY_PREFIX) and k not in recorded)]
+    changed = sorted(k for k in keys if recorded.get(k) != wanted.get(k))
+    if changed:
+        raise CheckpointError(
+            f"{file} was saved by a {run} run with other options or inputs ({', '.join(changed)}): "
+            "rerun with the same ones, or delete it to start over"
+        )
+
+
+#: Resume-state entries that describe the run's inputs rather than its options.
+IDENTITY_PREFIX = "run."
+
+
+def run_identity(
+    task: Any, spec: Any, inputs: Any, labels: Any = None, *, teacher: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, Any]:
+    """What a resume state must have been saved with besides the options: the task, the model it trains
+    (architecture, head, backbone reference, options), a fingerprint of the data it reads, and for
+    conditioning the teacher's weights. Without them a run killed on one task, source or data subset
+    resumed on another and saved a model that is half of each (or crashed on an index past the data)."""
+    identity = {
+        f"{IDENTITY_PREFIX}task": str(task.name),
+        f"{IDENTITY_PREFIX}model": json.loads(json.dumps(spec.to_json(), default=str)),
+        f"{IDENTITY_PREFIX}data": data_fingerprint(inputs, labels),
+    }
+    if teacher is not None:
+        identity[f"{IDENTITY_PREFIX}teacher"] = weights_fingerprint(teacher)
+    return identity
+
+
+def data_fingerprint(inputs: Any, labels: Any = None, sample: int = 64) -> str:
+    """A short hash of a data set: its size, its labels and its first ``sample`` inputs."""
+    digest = hashlib.sha1(str(len(inputs)).encode())
+    if labels is not None:
+        digest.update(np.ascontiguousarray(np.asarray(labels, dtype=np.int64)).tobytes())
+    for item in list(inputs[:sample]):
+        digest.update(np.ascontiguousarray(item).tobytes() if isinstance(item, np.ndarray) else repr(item).encode())
+    return digest.hexdigest()[:16]
+
+
+def weights_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
+    """A short hash of a state dict from each tensor's name, shape and float64 sum and sum of squares
+    (9 significant digits: the same file read on another device gives the same fingerprint)."""
+    digest = hashlib.sha1()
+    for key in sorted(state):
+        tensor = state[key].detach()
+        values = tensor.double() if tensor.is_floating_point() else tensor.to(torch.float64)
+        digest.update(f"{key}{tuple(tensor.shape)}{float(values.sum()):.9e}{float(values.pow(2).sum()):.9e}".encode())
+    return digest.hexdigest()[:16]
 
 
 def load_state(rt: Runtime, file: Path, device: torch.device) -> dict[str, Any] | None:
@@ -68,7 +115,13 @@ def clear_state(state_file: Path, sharded_dir: Path) -> None:
     itself if nothing else is in it, so finished runs leave no empty ``*.work`` folders behind.
     Anything else a user keeps there stays."""
     state_file.unlink(missing_ok=True)
+    remove_stale_temporaries(state_file)  # a state write a kill interrupted
     shutil.rmtree(sharded_dir, ignore_errors=True)
+    for leftover in (
+        sharded_dir.with_name(sharded_dir.name + ".tmp"),
+        sharded_dir.with_name(sharded_dir.name + ".old"),
+    ):
+        shutil.rmtree(leftover, ignore_errors=True)  # an FSDP state swap a crash interrupted
     try:
         state_file.parent.rmdir()
     except OSError:  # not empty, already gone, or the current directory

@@ -31,6 +31,7 @@ def register(app: typer.Typer) -> None:
         start = time.perf_counter()
         config = load_experiment("demo", overrides)
         runner = ExperimentRunner(config, run_dir, data_root=data_root, echo=echo)
+        runner.open_run_dir()  # before the sources: a resumed demo with other settings is refused
         console.rule("1. fine-tune sources (one with a 10x learning rate)")
         spec = config.scenarios["norm_mismatch"]
         long_task = (spec.get("long_tasks") or config.tasks)[0]

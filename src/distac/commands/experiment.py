@@ -57,7 +57,7 @@ def register(app: typer.Typer) -> None:
         report = write_report(run_dir)
         console.print(report.read_text().split("\n\n")[1])
         if results_dir is not None:
-            import shutil
+            from distac.atomic import atomic_copy
 
             results_dir.mkdir(parents=True, exist_ok=True)
             for file in (
@@ -69,7 +69,7 @@ def register(app: typer.Typer) -> None:
                 "label_smoothing_sweep.png",
             ):
                 if (run_dir / file).is_file():
-                    shutil.copyfile(run_dir / file, results_dir / file)
+                    atomic_copy(run_dir / file, results_dir / file)
             console.print(f"results copied to {results_dir}")
 
     @app.command("seeds")

@@ -64,6 +64,7 @@ from distac.resume import (
     load_sharded_state,
     load_state,
     resume_options,
+    run_identity,
     save_sharded_state,
     save_state,
 )
@@ -219,6 +220,11 @@ def condition(
     if config.unlabeled_corruption is not None:
         unlabeled = corrupt_unlabeled(unlabeled, config.unlabeled_corruption, config.corruption_strength, config.seed)
     val = task.validation.subsample(config.eval_examples, seed=config.seed + 1)
+    # a resume must continue this run: same task, student architecture, unlabeled inputs and teacher weights
+    resume_record = {
+        **_resume_config(config),
+        **run_identity(task, teacher.spec, unlabeled, teacher=teacher.state_dict()),
+    }
 
     def reestimate_statistics(model: ClassifierModel) -> int:
         # a seeded subset of the unlabeled set, identical on every process (a student to be
@@ -247,7 +253,7 @@ def condition(
     if state_file is not None and not rt.sharded:
         saved = _load_state(rt, state_file, device)
         if saved is not None:
-            _check_resume_config(saved, config, state_file)
+            _check_resume_config(saved, resume_record, state_file)
             student.load_state_dict(saved["student"])
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
@@ -262,7 +268,7 @@ def condition(
         if state_file is not None:
             meta = _load_sharded_state(rt, state_file.parent / SHARDED_STATE_DIR)
             if meta is not None:
-                _check_resume_config(meta, config, state_file.parent / SHARDED_STATE_DIR)
+                _check_resume_config(meta, resume_record, state_file.parent / SHARDED_STATE_DIR)
                 history = [dict(h) for h in meta["history"]]
                 start_step = int(meta["step"])
     else:
@@ -330,9 +336,9 @@ def condition(
                 and (done < config.steps)
             ):
                 if rt.sharded:
-                    _save_sharded_state(rt, state_file.parent / SHARDED_STATE_DIR, history, done, config)
+                    _save_sharded_state(rt, state_file.parent / SHARDED_STATE_DIR, history, done, resume_record)
                 elif rt.is_main:
-                    _save_state(state_file, student, optimizer, scheduler, history, done, config)
+                    _save_state(state_file, student, optimizer, scheduler, history, done, resume_record)
             bar.update(job, advance=1, status=f"kl {float(kl.detach()):.4f}")
     if rt.sharded:
         state = rt.full_state_dict(model)  # collective; complete on the main process
@@ -469,11 +475,11 @@ def _load_state(rt: Runtime, file: Path, device: torch.device) -> dict[str, Any]
 
 
 def _save_sharded_state(
-    rt: Runtime, directory: Path, history: list[dict[str, float]], step: int, config: ConditionConfig
+    rt: Runtime, directory: Path, history: list[dict[str, float]], step: int, recorded: dict[str, Any]
 ) -> None:
     """FSDP resume state: accelerate's sharded checkpoint (every process writes its shards, so
     ``work_dir`` must be on a filesystem all processes share), swapped into place atomically."""
-    save_sharded_state(rt, directory, {"step": step, "history": history, "config": _resume_config(config)})
+    save_sharded_state(rt, directory, {"step": step, "history": history, "config": recorded})
 
 
 #: options that may change between an interrupted run and its resume without changing the result
@@ -484,10 +490,10 @@ def _resume_config(config: ConditionConfig) -> dict[str, Any]:
     return resume_options(config, _RESUME_FREE_OPTIONS)
 
 
-def _check_resume_config(saved: dict[str, Any], config: ConditionConfig, file: Path) -> None:
+def _check_resume_config(saved: dict[str, Any], wanted: dict[str, Any], file: Path) -> None:
     """States written before options were recorded (no ``config``) are accepted."""
     if saved.get("config") is not None:
-        check_resume_options(saved["config"], _resume_config(config), file, "conditioning")
+        check_resume_options(saved["config"], wanted, file, "conditioning")
 
 
 def _load_sharded_state(rt: Runtime, directory: Path) -> dict[str, Any] | None:
@@ -501,14 +507,15 @@ def _save_state(
     scheduler: Any,
     history: list[dict[str, float]],
     step: int,
-    config: ConditionConfig,
+    recorded: dict[str, Any],
 ) -> None:
+    """The single-process / DDP resume state; ``recorded``: the options and inputs it was made with."""
     payload = {
         "student": student.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "history": history,
         "step": step,
-        "config": _resume_config(config),
+        "config": recorded,
     }
     save_state(file, payload)

@@ -21,14 +21,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from distac.atomic import atomic_write_json
+from distac.atomic import atomic_write_json, visible
 from distac.checkpoints import StateDict
 from distac.data import TaskData, load_task
 from distac.environment import environment_record
@@ -93,7 +93,31 @@ class ExperimentRunner:
             self._tasks[task] = data.limit(
                 limits.get("train"), limits.get("validation"), limits.get("test"), seed=self.config.seed
             )
+            self._check_data_unchanged(self._tasks[task])
         return self._tasks[task]
+
+    def _check_data_unchanged(self, data: TaskData) -> None:
+        """The run dir's stages were made on this task's data: record a fingerprint of its splits the first
+        time, and refuse other data later (another --data-root or $DISTAC_DATA whose ``sst2`` is another
+        data set would otherwise be mixed silently with the cached stages). Moving the same data is fine."""
+        from distac.resume import data_fingerprint
+
+        file = self.run_dir / "data.json"
+        recorded = json.loads(file.read_text()) if file.is_file() else {}
+        current = {
+            split: data_fingerprint(data.split(split).inputs, data.split(split).labels)
+            for split in ("train", "validation", "test")
+        }
+        previous = recorded.get(data.name)
+        if previous is None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(file, {**recorded, data.name: current})
+        elif previous != current:
+            raise ConfigError(
+                f"{self.run_dir} was made on other {data.name} data than {data.source or data.name} "
+                f"(splits {', '.join(s for s in current if previous.get(s) != current[s])} differ; see {file}): "
+                "use the data root it was made with, another --run-dir, or delete this one to start over"
+            )
 
     def spec_for(self, task: str) -> ModelSpec:
         data = self.task_data(task)
@@ -452,11 +476,12 @@ class ExperimentRunner:
         settings = self.eval_settings()
         self.pretrained_backbone()  # sets self._has_batchnorm
         batchnorm = "recompute" if self._has_batchnorm and settings.batchnorm_statistics != "keep" else "keep"
+        scales = [float(s) for s in (scales or [0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0])]
         if file.is_file():
             cached = json.loads(file.read_text())
-            if cached.get("batchnorm_statistics", "keep") == batchnorm:
+            if cached.get("batchnorm_statistics", "keep") == batchnorm and cached.get("scales") == scales:
                 return cached
-        scales = [float(s) for s in (scales or [0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0])]
+            self.echo(f"  {file.name}: made with other scales or BatchNorm statistics; computing it again")
         pre = self.pretrained_backbone()
         curves: dict[str, Any] = {}
         for task in self.config.tasks:
@@ -621,11 +646,27 @@ class ExperimentRunner:
         changed = [k for k in CACHE_DEFINING_KEYS if cached.get(k) != current.get(k)]
         old_recipes, new_recipes = cached.get("recipes", {}), current["recipes"]
         changed += [f"recipes.{r}" for r in old_recipes if r in new_recipes and old_recipes[r] != new_recipes[r]]
+        # a scenario's conditioned models and merges are cached under its name: redefining it (recipe, kappa
+        # rule, kind, conditioning) would reuse them; more long tasks or methods only add stages
+        old_scenarios, new_scenarios = cached.get("scenarios") or {}, current.get("scenarios") or {}
+        changed += [
+            f"scenarios.{name}"
+            for name in old_scenarios
+            if name in new_scenarios and _defining(old_scenarios[name]) != _defining(new_scenarios[name])
+        ]
         if changed:
             raise ConfigError(
                 f"{self.run_dir} holds stages made with other settings ({', '.join(changed)}; see {file}): "
                 "use another --run-dir, or delete this one to start over"
             )
+
+    def open_run_dir(self) -> None:
+        """Check that the run dir's cached stages fit this config, then record the config there. Every
+        entry point calls it before making any stage, so an interrupted run resumed with other settings
+        is refused instead of mixing sources made under both."""
+        self.check_cache_compatible()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.run_dir / "config.json", self.config.to_json())
 
     # ------------------------------------------------------------------------------------ all
     def run(self, scenarios: list[str] | None = None, studies: list[str] | None = None) -> dict[str, Any]:
@@ -636,9 +677,7 @@ class ExperimentRunner:
             if unknown:
                 raise ConfigError(f"{flag} {unknown}: not in experiment {self.config.name!r} ({sorted(known)})")
         start = time.perf_counter()
-        self.check_cache_compatible()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.run_dir / "config.json", self.config.to_json())
+        self.open_run_dir()
         earlier = self.earlier_results(scenarios, studies)
         results: dict[str, Any] = {
             "experiment": self.config.name,
@@ -712,11 +751,17 @@ class ExperimentRunner:
             ("condition", "conditioned/*/*/condition.json", "seconds"),
             ("merge_and_evaluate", "merges/**/*.json", "seconds_total"),
         ):
-            for file in self.run_dir.glob(pattern):
+            for file in visible(self.run_dir.glob(pattern), self.run_dir):
                 value = json.loads(file.read_text())
                 if isinstance(value, dict) and isinstance(value.get(key), int | float):
                     totals[stage] += float(value[key])
         return totals
+
+
+def _defining(scenario: Mapping[str, Any]) -> dict[str, Any]:
+    """The parts of a scenario's definition its cached stages depend on (not its long tasks or methods,
+    which only add stages of their own)."""
+    return {k: v for k, v in scenario.items() if k not in ("long_tasks", "methods")}
 
 
 def _mean(values: Any) -> float:

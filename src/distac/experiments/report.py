@@ -11,7 +11,7 @@ from pathlib import Path
 from statistics import fmean, geometric_mean
 from typing import Any
 
-from distac.atomic import atomic_write_text, atomic_write_with
+from distac.atomic import atomic_write_text, atomic_write_with, visible
 from distac.experiments.config import study_kind
 
 METHOD_LABELS = {
@@ -485,7 +485,8 @@ def plot_condition_histories(run_dir: Path, path: Path, scenarios: dict[str, set
     """Figure 2 analog: accuracy, relative task-vector norm and entropy over conditioning steps.
 
     With ``scenarios`` (name -> recipes), only the scenarios' own runs are drawn, not study variants."""
-    records = [json.loads(f.read_text()) for f in sorted((run_dir / "conditioned").glob("*/*/condition.json"))]
+    found = visible((run_dir / "conditioned").glob("*/*/condition.json"), run_dir)
+    records = [json.loads(f.read_text()) for f in sorted(found)]
     if scenarios is not None:
         records = [
             r for r in records if not r.get("tag") and r.get("recipe") in scenarios.get(r.get("scenario", ""), set())

@@ -47,6 +47,7 @@ from distac.resume import (
     restore_rng_states,
     resume_options,
     rng_states,
+    run_identity,
     save_sharded_state,
     save_state,
 )
@@ -238,7 +239,7 @@ def finetune(
     losses: list[float] = []
     evaluations: list[dict[str, float]] = []
     start_step, seconds_before = 0, 0.0
-    resume_config = _resume_config(config)
+    resume_config = {**_resume_config(config), **run_identity(task, model.spec, task.train.inputs, task.train.labels)}
 
     def restore(loop: dict[str, Any], file: Path) -> None:
         nonlocal order, losses, evaluations, start_step, seconds_before
