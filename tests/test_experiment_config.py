@@ -41,6 +41,22 @@ def test_overrides_and_errors() -> None:
         load_experiment("demo", ["model_options.pooling=maxx"])
     with pytest.raises(ConfigError, match="image_size"):
         load_experiment("vision", ["model_options.image_size=0"])
+    # narrowing the methods of a bundled config keeps the others' options (it used to be an error)
+    narrowed = load_experiment(
+        "vision", ["methods=[task_arithmetic]", "studies.unlabeled_data.methods=[task_arithmetic]"]
+    )
+    assert narrowed.methods == ["task_arithmetic"] and "tsvm" in narrowed.method_options
+    with pytest.raises(ConfigError, match=r"unknown merging method\(s\) \['tsmv'\]"):
+        load_experiment("demo", ["method_options.tsmv.k=2"])
+    with pytest.raises(ConfigError, match="density"):
+        load_experiment(
+            "vision",
+            [
+                "methods=[task_arithmetic]",
+                "studies.unlabeled_data.methods=[task_arithmetic]",
+                "method_options.ties.density=7",
+            ],
+        )  # still checked while left out
 
 
 def test_partial_recipes_and_temperatures_extend_the_defaults() -> None:

@@ -214,10 +214,14 @@ def validate_sections(config: ExperimentConfig) -> None:
         build_dataclass(ConditionConfig, config.condition_settings(scenario), f"condition (scenario {scenario!r})")
     validate_studies(config)
 
-    unknown = sorted((m for m in config.method_options if m not in config.methods), key=str)
+    from distac.merging.registry import available_methods
+
+    # options of a known method that this run leaves out (--set methods=[...] on a bundled config) are
+    # checked and kept for when it is back; a name that is no method at all is a typo
+    unknown = sorted((m for m in config.method_options if m not in available_methods()), key=str)
     if unknown:
-        raise ConfigError(f"method_options: for method(s) {unknown} that are not in methods {config.methods}")
-    for method in config.methods:
+        raise ConfigError(f"method_options: unknown merging method(s) {unknown}; known: {available_methods()}")
+    for method in {*config.methods, *config.method_options}:
         get_method(method, **config.method_options.get(method, {}))
     settings = build_dataclass(EvalSettings, {"device": config.device, **config.evaluation}, "evaluation")
     check_option("evaluation", "batch_size", settings.batch_size, low=1, integer=True)
