@@ -4,6 +4,7 @@ saved by ``torch.save`` (every name of the tied tensor) or ``save_pretrained`` (
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,9 @@ def test_task_class_fine_tunes_merge_onto_their_base_encoder(classification_sour
         assert result.exit_code == 0, result.output
         merged = load_state_dict(out)
         assert set(merged) == set(pre)  # the base encoder's layout, loadable as BertModel
+        # the task heads are not in it, and the record (and the console, in memory) says so
+        record = json.loads((out / "merge.json").read_text())
+        assert record["left_out"] == {s.name: ["classifier.bias", "classifier.weight"] for s in sources}
         for key, value in expected.items():
             torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-6)
 

@@ -291,7 +291,13 @@ def _merge_checkpoints(
     """Load theta_pre and every source, merge their task vectors on ``device`` (TSV-M, Iso-CTS and
     WUDI are much faster on a GPU), and save the merged model(s) from the CPU."""
     from distac.atomic import atomic_directory, atomic_write_json
-    from distac.checkpoints import check_state_finite, load_state_dict, save_state_dict
+    from distac.checkpoints import (
+        base_model_prefix,
+        check_state_finite,
+        load_state_dict,
+        save_state_dict,
+        strip_key_prefix,
+    )
     from distac.merging.base import apply_merge
     from distac.merging.registry import get_method
     from distac.models.inference import pick_device
@@ -303,9 +309,14 @@ def _merge_checkpoints(
     start = time.perf_counter()
     pre = load_state_dict(pretrained)
     vectors = []
-    for path in finetuned:
+    left_out: dict[str, list[str]] = {}
+    for name, path in zip(names, finetuned, strict=True):
         state = load_source(path, pre, base_source=pretrained)  # a checkpoint or a LoRA adapter dir on pre
         check_state_finite(state, path)
+        state = strip_key_prefix(state, base_model_prefix((selector or ParameterSelector()).select(pre), state), path)
+        extra = [k for k in state if k not in pre]  # task heads the base model lacks: not in the output
+        if extra:
+            left_out[name] = extra
         vectors.append(
             TaskVector.from_state_dicts(
                 pre, state, selector, pretrained_source=pretrained, finetuned_source=path
@@ -324,8 +335,14 @@ def _merge_checkpoints(
         names,
         pretrained,
         time.perf_counter() - start,
-        {"info": result.info, "task_conditional": result.per_task is not None},
+        {"info": result.info, "task_conditional": result.per_task is not None, "left_out": left_out},
     )
+    if left_out:
+        shown = sorted({k for keys in left_out.values() for k in keys})
+        console.print(
+            f"note: {len(shown)} parameter(s) of the sources that {pretrained} lacks are not in the merged model "
+            f"(task heads?): {shown[:4]}{' ...' if len(shown) > 4 else ''}; merge.json lists them per source"
+        )
     what = f"the {method} merge at lambda={coef} (a coefficient too large for the weights' dtype?)"
     if result.per_task is None:
         merged = apply_merge(pre, result, coef)

@@ -737,5 +737,7 @@ def _record(
         "peak_rss_bytes_before_merge": rss_start,
         "info": info,
         "task_conditional": False,
+        # per source: its keys the pretrained checkpoint lacks (task heads), which the output does not have
+        "left_out": {name: extra for name, extra in zip(names, plan.source_extras, strict=True) if extra},
         "environment": environment_record(),
     }
