@@ -77,6 +77,13 @@ def test_partial_recipes_and_temperatures_extend_the_defaults() -> None:
     # a recipe given under a default name replaces that recipe whole
     replaced = load_experiment("demo", ["recipes.label_smoothing={loss: {kind: label_smoothing, alpha: 0.2}}"])
     assert replaced.recipes["label_smoothing"] == {"loss": {"kind": "label_smoothing", "alpha": 0.2}}
+    # a scenario's own entry goes on top of its kind's: mixup with its own beta keeps the low-confidence
+    # student temperature (it used to fall back to T_s = T_t = 1, silently)
+    mixup = load_experiment(
+        "text-zeroshot",
+        ["scenarios.mixup={recipe: mixup, kind: low_confidence}", "condition_per_scenario.mixup.beta=1.0"],
+    ).condition_settings("mixup")
+    assert mixup["beta"] == 1.0 and mixup["student_temperature"] == 2.0 and mixup["teacher_temperature"] == 1.0
 
 
 def test_low_confidence_student_temperature_default_and_pinned_pages() -> None:

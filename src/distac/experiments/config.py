@@ -93,11 +93,14 @@ class ExperimentConfig:
         return asdict(self)
 
     def condition_settings(self, scenario: str) -> dict[str, Any]:
-        """DisTaC settings for a scenario: shared ones, then the overrides for its name or its kind."""
+        """DisTaC settings for a scenario: shared ones, then its kind's (the low-confidence temperatures),
+        then its own on top. A scenario's own entry used to replace its kind's, so ``mixup: {beta: 1.0}``
+        silently dropped the low-confidence student temperature."""
         spec = self.scenarios.get(scenario, {})
         per = self.condition_per_scenario
-        override = per.get(scenario, per.get(scenario_kind(scenario, spec), {}))
-        return {"seed": self.seed, "device": self.device, **self.condition, **override}
+        kind = scenario_kind(scenario, spec)
+        own = per.get(scenario, {}) if scenario != kind else {}
+        return {"seed": self.seed, "device": self.device, **self.condition, **per.get(kind, {}), **own}
 
     def coefficient_grid(self) -> list[float]:
         if self.grid is not None:

@@ -231,6 +231,9 @@ def finetune(
             parameter.requires_grad_(False)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     warmup = config.warmup_steps if config.warmup_steps is not None else int(config.warmup_ratio * config.steps)
+    # transformers' warm-up is lr * k / W, so step 0 runs at lr 0: one step behind the reference code's
+    # cosine_lr, lr * (k + 1) / W (METHODS-SPEC 1.7, 1.11). Known and kept: 1 of 2000 steps in the paper's
+    # setting, and every published source was fine-tuned with this schedule.
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, config.steps)
     loss_fn = build_loss(config.loss)
     labels_all = torch.as_tensor(train.labels)
