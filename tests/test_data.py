@@ -136,17 +136,20 @@ def test_image_folder_of_mixed_sizes_is_fitted_by_shorter_side_and_centre_crop(t
     square = np.full((50, 50, 3), 128, dtype=np.uint8)
     for split in ("train", "test"):
         (tmp_path / split / "a").mkdir(parents=True)
+        (tmp_path / split / "b").mkdir(parents=True)
         Image.fromarray(wide).save(tmp_path / split / "a" / "wide.png")
         Image.fromarray(square).save(tmp_path / split / "a" / "square.png")
+        Image.fromarray(square).save(tmp_path / split / "b" / "square.png")
     data = load_image_folder(tmp_path)
-    assert data.test.inputs.shape == (2, 224, 224, 3)  # the default size for mixed sizes
-    fitted = data.test.inputs[list(data.test.inputs.reshape(2, -1).std(1) > 0).index(True)]
+    assert data.test.inputs.shape == (3, 224, 224, 3)  # the default size for mixed sizes
+    fitted = data.test.inputs[list(data.test.inputs.reshape(3, -1).std(1) > 0).index(True)]
     red_columns = (fitted[112, :, 0] > 200).mean()
     assert red_columns > 0.9  # a squashed image would show 1/3 red
-    assert load_image_folder(tmp_path, size=20).test.inputs.shape == (2, 20, 20, 3)
-    (tmp_path / "uniform" / "a").mkdir(parents=True)
-    for i in range(10):
-        Image.fromarray(square).save(tmp_path / "uniform" / "a" / f"{i}.png")
+    assert load_image_folder(tmp_path, size=20).test.inputs.shape == (3, 20, 20, 3)
+    for name in ("a", "b"):
+        (tmp_path / "uniform" / name).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(square).save(tmp_path / "uniform" / name / f"{i}.png")
     assert load_image_folder(tmp_path / "uniform").train.inputs.shape[1:] == (50, 50, 3)  # one size: untouched
 
 

@@ -61,12 +61,15 @@ def _load_path(path: Path, name: str) -> TaskData:
 
         return load_text_task_dir(path, name)
     if (path / "train.csv").is_file():
-        return load_table_task(
-            name,
-            path / "train.csv",
-            path / "test.csv",
-            path / "validation.csv" if (path / "validation.csv").is_file() else None,
+        validation = next((path / f for f in ("validation.csv", "dev.csv", "val.csv") if (path / f).is_file()), None)
+        return load_table_task(name, path / "train.csv", path / "test.csv", validation)
+    if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+        raise DataError(
+            f"{path}: a single Hugging Face Dataset (save_to_disk of one split); distac needs a DatasetDict with "
+            "train and test splits (DatasetDict({'train': ..., 'test': ...}).save_to_disk(...))"
         )
+    if any(path.glob("train.json*")):
+        raise DataError(f"{path}: JSON/JSONL files are not a supported format; use train.tsv / train.csv + test.*")
     if path.is_dir():
         return load_image_folder(path, name)
     raise DataError(f"{path}: unknown dataset format")

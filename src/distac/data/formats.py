@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff"}
 MIXED_SIZE_DEFAULT = 224
 log = logging.getLogger("distac.data")
 
@@ -41,7 +41,7 @@ def stack_images(images: Iterable[object], size: int | None, source: object) -> 
     target, first_size, arrays = size, None, []
     for image in images:
         picture = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
-        picture = picture if picture.mode == "RGB" else picture.convert("RGB")
+        picture = _to_rgb(picture)
         first_size = first_size or picture.size
         if target is None and picture.size != first_size:
             target = MIXED_SIZE_DEFAULT
@@ -53,6 +53,19 @@ def stack_images(images: Iterable[object], size: int | None, source: object) -> 
     if not arrays:
         raise DataError(f"{source}: no images found")
     return np.stack(arrays)
+
+
+def _to_rgb(picture: Image.Image) -> Image.Image:
+    """8-bit RGB. 16/32-bit grayscale (mode I;16, I) is scaled down to 8 bits first: PIL's own convert
+    clips every value above 255 to white, which erased 16-bit PNGs."""
+    from PIL import Image
+
+    if picture.mode.startswith("I") or picture.mode == "F":
+        values = np.asarray(picture, dtype=np.float64)
+        if values.max(initial=0) > 255:
+            values = values / 257.0 if values.max() <= 65535 else values / values.max() * 255.0
+        picture = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+    return picture.convert("RGB")  # a loaded copy even when already RGB: the file may be closed next
 
 
 def _fit_square(picture: Image.Image, size: int) -> Image.Image:
@@ -82,7 +95,7 @@ def read_table(
         raise DataError(f"{file}: no such file")
     delimiter = delimiter or ("\t" if file.suffix in {".tsv", ".txt"} else ",")
     try:
-        with open(file, newline="", encoding="utf-8") as handle:
+        with open(file, newline="", encoding="utf-8-sig") as handle:  # -sig: a BOM (Excel's CSVs) is no column
             quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
             reader = csv.DictReader(handle, delimiter=delimiter, quoting=quoting, strict=True)
             columns = reader.fieldnames or []
@@ -271,43 +284,55 @@ def load_image_folder(root: str | Path, name: str | None = None, *, size: int | 
     if not root.is_dir():
         raise DataError(f"{root}: no such image folder")
 
-    def read_split(directory: Path, classes: list[str] | None) -> tuple[Split, list[str]]:
-        class_dirs = sorted(d for d in directory.iterdir() if d.is_dir())
+    def read_split(directory: Path, classes: list[str] | None, size: int | None) -> tuple[Split, list[str]]:
+        # hidden folders (.ipynb_checkpoints, .DS_Store's kin) are no class: they shifted every label by one
+        class_dirs = sorted(d for d in directory.iterdir() if d.is_dir() and not d.name.startswith("."))
         names = classes or [d.name for d in class_dirs]
         unknown = [d.name for d in class_dirs if d.name not in names]
         if unknown:
             raise DataError(f"{directory}: class folders {unknown} do not appear in the training split")
-        files = [
-            (file, names.index(d.name))
-            for d in class_dirs
-            for file in sorted(d.iterdir())
-            if file.suffix.lower() in IMAGE_SUFFIXES
-        ]
+        per_class = {d: [f for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES] for d in class_dirs}
+        empty = [d.name for d, found in per_class.items() if not found]
+        if empty and classes is None:  # a class of the training split without images is no class
+            raise DataError(
+                f"{directory}: class folder(s) {empty} hold no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+            )
+        files = [(file, names.index(d.name)) for d, found in per_class.items() for file in found]
 
         def read(file: Path) -> Image.Image:
             try:
                 with Image.open(file) as opened:
-                    return opened.convert("RGB")
+                    return _to_rgb(opened)
             except (OSError, ValueError, Image.DecompressionBombError) as exc:
                 raise DataError(f"{file}: not a readable image: {exc}") from exc
 
         images = stack_images((read(file) for file, _ in files), size, directory)
         return Split(images, np.array([label for _, label in files], dtype=np.int64)), names
 
-    if (root / "train").is_dir():
-        train, classes = read_split(root / "train", None)
-        if not (root / "test").is_dir():
-            raise DataError(f"{root}: has train/ but no test/ folder")
-        test, _ = read_split(root / "test", classes)
-        val_dir = next((root / v for v in ("val", "validation", "valid") if (root / v).is_dir()), None)
-        if val_dir is not None:
-            validation, _ = read_split(val_dir, classes)
+    def read_all(size: int | None) -> tuple[Split, Split, Split, list[str]]:
+        if (root / "train").is_dir():
+            train, classes = read_split(root / "train", None, size)
+            if not (root / "test").is_dir():
+                raise DataError(f"{root}: has train/ but no test/ folder")
+            test, _ = read_split(root / "test", classes, size)
+            val_dir = next((root / v for v in ("val", "validation", "valid") if (root / v).is_dir()), None)
+            if val_dir is not None:
+                validation, _ = read_split(val_dir, classes, size)
+            else:
+                train, validation = carve_validation(train, 0.1, seed)
         else:
-            train, validation = carve_validation(train, 0.1, seed)
-    else:
-        everything, classes = read_split(root, None)
-        rest, test = carve_validation(everything, 0.2, seed)
-        train, validation = carve_validation(rest, 0.125, seed + 1)
+            everything, classes = read_split(root, None, size)
+            rest, test = carve_validation(everything, 0.2, seed)
+            train, validation = carve_validation(rest, 0.125, seed + 1)
+        return train, validation, test, classes
+
+    train, validation, test, classes = read_all(size)
+    shapes = {split.inputs.shape[1:3] for split in (train, validation, test)}
+    if size is None and len(shapes) > 1:  # each split uniform, but not alike: preprocess all splits the same way
+        log.info(
+            "%s: splits of different image sizes %s; fitting them all to %d", root, sorted(shapes), MIXED_SIZE_DEFAULT
+        )
+        train, validation, test, classes = read_all(MIXED_SIZE_DEFAULT)
     return TaskData(
         name=name or root.name,
         kind="image",

@@ -137,7 +137,7 @@ def load_text_task_dir(directory: Path, name: str) -> TaskData:
             raise DataError(f"{file}: missing (task {name!r})")
     train_in, train_lab = read_table(train_file, text_columns=("text_a", "text_b"), label_column="label")
     test_in, test_lab = read_table(test_file, text_columns=("text_a", "text_b"), label_column="label")
-    if any(not _is_class_label(v) for v in train_lab[:50]):
+    if any(not _is_class_label(v) for v in train_lab):
         raise DataError(f"{train_file}: labels look continuous (regression task?); distac needs class labels")
     label_names = _label_order(list(train_lab))
     index = {v: i for i, v in enumerate(label_names)}
@@ -151,7 +151,11 @@ def load_text_task_dir(directory: Path, name: str) -> TaskData:
         if len(train) < 2:
             raise DataError(f"{train_file}: {len(train)} example(s); at least 2 are needed to carve a validation split")
         train, validation = carve_validation(train, VALIDATION_FRACTION, SPLIT_SEED)
-    class_names = TEXT_CLASS_NAMES.get(name) if len(TEXT_CLASS_NAMES.get(name, [])) == len(label_names) else None
+    # the built-in names describe the integer labels of the shared files; a dataset whose labels are words
+    # names its own classes (its "acceptable" need not be class 1)
+    integer_labels = all(_is_integer(v) for v in label_names)
+    known = TEXT_CLASS_NAMES.get(name, [])
+    class_names = known if integer_labels and len(known) == len(label_names) else None
     return TaskData(
         name=name,
         kind="text",
@@ -162,6 +166,14 @@ def load_text_task_dir(directory: Path, name: str) -> TaskData:
         metric="mcc" if name == "cola" else "accuracy",
         source=str(directory),
     )
+
+
+def _is_integer(value: str) -> bool:
+    try:
+        int(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_class_label(value: str) -> bool:
@@ -193,6 +205,8 @@ def load_vision_npz(file: Path, name: str) -> TaskData:
                     raise DataError(f"{file}: {x_key} must be uint8 images, found {x.dtype}")
                 if x.ndim not in (3, 4):
                     raise DataError(f"{file}: {x_key} must be images (N, H, W[, C]), found shape {x.shape}")
+                if x.ndim == 4 and x.shape[1] in (1, 3) and x.shape[-1] not in (1, 3):  # channels first (torch)
+                    x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
                 if len(x) != len(y):
                     raise DataError(f"{file}: {x_key} has {len(x)} images but {y_key} has {len(y)} labels")
                 if len(y) == 0:
@@ -204,7 +218,8 @@ def load_vision_npz(file: Path, name: str) -> TaskData:
                 return Split(x, y.astype(np.int64))
         return None
 
-    train, test, validation = get("train"), get("test"), get("val")
+    train, test = get("train"), get("test")
+    validation = next((found for found in map(get, ("val", "validation", "valid")) if found is not None), None)
     info: dict[str, object] = {}
     if train is None and (everything := get("all")) is not None:
         if len(everything) < 10:
@@ -228,7 +243,7 @@ def load_vision_npz(file: Path, name: str) -> TaskData:
     if "classes" in arrays:
         if arrays["classes"].ndim != 1 or len(arrays["classes"]) == 0:
             raise DataError(f"{file}: 'classes' must be a non-empty 1-D array of names")
-        class_names = [str(c) for c in arrays["classes"]]
+        class_names = [c.decode() if isinstance(c, bytes) else str(c) for c in arrays["classes"].tolist()]
     else:
         class_names = {"pneumoniamnist": ["normal", "pneumonia"]}.get(name, [str(i) for i in range(n_classes)])
     if name == "gtsrb" and class_names[0] == "0":

@@ -75,6 +75,13 @@ class TaskData:
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.num_classes < 2:  # trains to a constant (loss 0), scores 1.0, and breaks entropy ratios
+            raise DataError(
+                f"{self.source or self.name}: {self.num_classes} class {self.class_names}; a classification task "
+                "needs at least 2"
+            )
+        if len(set(self.class_names)) != len(self.class_names):
+            raise DataError(f"{self.source or self.name}: duplicate class names {self.class_names}")
         for split_name in ("train", "validation", "test"):
             split: Split = getattr(self, split_name)
             if len(split) == 0:

@@ -204,6 +204,16 @@ class ClassifierModel(nn.Module, ABC):
                 f"{task.source or task.name}: task {task.name!r} has {task.num_classes} classes but {model} "
                 f"(task {self.spec.task!r}) has {self.spec.num_labels}"
             )
+        trained, given = list(self.spec.class_names or []), list(getattr(task, "class_names", None) or [])
+        if trained and given and trained != given:
+            # a model fine-tuned on a user's "sst2" scored on the shared SST-2, or the same data with its
+            # classes in another order: the number of classes fits, the labels mean other things
+            model = f"{model_source}" if model_source is not None else "the model"
+            how = "in another order" if sorted(trained) == sorted(given) else "with other names"
+            raise DataError(
+                f"{task.source or task.name}: its classes {given[:10]} differ from those {model} was trained on "
+                f"{trained[:10]} ({how}); evaluate it on the data it was trained on (--data-root / --task path)"
+            )
         if split is not None:
             self.check_labels(task.split(split).labels, f"{task.source or task.name} ({split})")
 
