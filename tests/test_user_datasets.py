@@ -118,3 +118,22 @@ def test_a_model_is_not_scored_on_data_with_other_classes(tiny_bert_dir: Path, d
     other = ModelSpec("hf-text", str(tiny_bert_dir), 2, task="sst2", class_names=["neg", "pos"])
     with pytest.raises(DataError, match="with other names"):
         build_model(other).check_task(sst2)
+
+
+def test_hf_text_pairs_keep_glue_order_and_cola_is_scored_by_mcc(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features(
+        {
+            "question": datasets.Value("string"),
+            "sentence": datasets.Value("string"),
+            "label": datasets.ClassLabel(names=["entailment", "not_entailment"]),
+        }
+    )
+    rows = {"question": [f"q{i}" for i in range(20)], "sentence": [f"s{i}" for i in range(20)], "label": [0, 1] * 10}
+    split = datasets.Dataset.from_dict(rows, features=features)
+    datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(tmp_path / "qnli"))
+    assert load_task(str(tmp_path / "qnli")).test.inputs[0] == ("q0", "s0")  # was (sentence, question)
+    single = {"sentence": [f"s{i}" for i in range(20)], "label": [0, 1] * 10}
+    cola = datasets.Dataset.from_dict(single)
+    datasets.DatasetDict({"train": cola, "test": cola}).save_to_disk(str(tmp_path / "cola"))
+    assert load_task(str(tmp_path / "cola")).metric == "mcc"

@@ -236,11 +236,17 @@ def load_hf_dataset(
     if image_column is None and text_columns is None:
         image_column = next((c for c in ("image", "img", "pixel_values") if c in features), None)
         if image_column is None:
-            text_columns = [
-                c
-                for c in ("sentence1", "sentence2", "sentence", "question", "text", "premise", "hypothesis")
-                if c in features
-            ][:2]
+            # GLUE's pair orders (QNLI is question, sentence; QQP question1, question2), then single texts
+            layouts = (
+                ("sentence1", "sentence2"),
+                ("question", "sentence"),
+                ("question1", "question2"),
+                ("premise", "hypothesis"),
+                ("sentence",),
+                ("text",),
+                ("question",),
+            )
+            text_columns = next((list(cols) for cols in layouts if all(c in features for c in cols)), None)
             if not text_columns:
                 raise DataError(f"{path}: cannot tell the input columns; pass text_columns or image_column")
 
@@ -270,6 +276,7 @@ def load_hf_dataset(
         train=train,
         validation=validation,
         test=test,
+        metric="mcc" if (name or path.name) == "cola" else "accuracy",  # as the TSV loader: GLUE scores CoLA by MCC
         source=str(path),
     )
 
