@@ -61,3 +61,13 @@ def test_other_data_under_the_same_task_name_is_refused(tmp_path: Path, data_roo
     other = ExperimentRunner(load_experiment("demo"), tmp_path, data_root=data_root, echo=lambda _: None)
     with pytest.raises(ConfigError, match=r"made on other sst2 data .*splits train differ"):
         other.task_data("sst2")
+
+
+def test_a_cached_source_with_other_class_names_is_named_not_reused(tmp_path: Path, data_root: Path) -> None:
+    """AG News's names were permuted before 2026-11-27: a source cached then has heads for other names."""
+    runner = ExperimentRunner(load_experiment("demo"), tmp_path, data_root=data_root, echo=lambda _: None)
+    source = runner.source_dir("base", "agnews_small")
+    source.mkdir(parents=True)
+    (source / "distac_model.json").write_text(json.dumps({"class_names": ["world", "sports", "business", "sci/tech"]}))
+    with pytest.raises(ConfigError, match=r"cached source made with other class names for agnews_small"):
+        runner.ensure_source("base", "agnews_small")

@@ -167,6 +167,14 @@ class ExperimentRunner:
 
         out = self.source_dir(recipe, task)
         if (out / "distac_model.json").is_file():
+            cached = json.loads((out / "distac_model.json").read_text()).get("class_names")
+            current = self.task_data(task).class_names
+            if cached and cached != current:  # e.g. AG News, whose names distac permuted before 2026-11-27
+                raise ConfigError(
+                    f"{out}: a cached source made with other class names for {task} ({cached} here, {current} now); "
+                    f"its head was built for those. Delete {out} (and the conditioned models and merges made from it) "
+                    "or use another --run-dir"
+                )
             return out
         config = self.recipe_config(recipe)
         self.echo(f"fine-tuning {task} [{recipe}] lr={config.lr:g} loss={config.loss.kind} steps={config.steps}")
