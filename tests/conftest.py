@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,28 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+class SimulatedKill(Exception):
+    """Raised by :func:`killed_after_saving`: a run stopped right after it wrote a resume state."""
+
+
+@contextlib.contextmanager
+def killed_after_saving(monkeypatch: pytest.MonkeyPatch, module: object, name: str = "_save_state") -> Iterator[None]:
+    """Run the block with ``module.<name>`` (a loop's resume-state writer) raising right after its first
+    write, as if the run were killed there; the block must end that way, and the writer is restored."""
+    original = getattr(module, name)
+
+    def save_then_crash(*args: object, **kwargs: object) -> None:
+        original(*args, **kwargs)
+        raise SimulatedKill
+
+    monkeypatch.setattr(module, name, save_then_crash)
+    try:
+        with pytest.raises(SimulatedKill):
+            yield
+    finally:
+        monkeypatch.setattr(module, name, original)
 
 
 @pytest.fixture(scope="session")

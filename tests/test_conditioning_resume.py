@@ -8,16 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import killed_after_saving
 
 import distac.conditioning.distac as conditioning
 from distac.conditioning.distac import STATE_FILE, ConditionConfig, condition
 from distac.data import load_task
 from distac.errors import CheckpointError
 from distac.models import ModelSpec, build_model
-
-
-class _Crash(Exception):
-    pass
 
 
 def test_resume_refuses_other_options_and_accepts_logging_changes(
@@ -33,17 +30,8 @@ def test_resume_refuses_other_options_and_accepts_logging_changes(
         kappa=0.5, steps=4, lr=1e-3, batch_size=8, checkpoint_every=2, log_every=2, eval_examples=16, device="cpu"
     )
     work = tmp_path / "work"
-
-    original = conditioning._save_state
-
-    def save_then_crash(*args: object, **kwargs: object) -> None:
-        original(*args, **kwargs)
-        raise _Crash
-
-    monkeypatch.setattr(conditioning, "_save_state", save_then_crash)
-    with pytest.raises(_Crash):
+    with killed_after_saving(monkeypatch, conditioning):
         condition(teacher, pretrained, task, config, work_dir=work, progress=False)
-    monkeypatch.setattr(conditioning, "_save_state", original)
     assert (work / STATE_FILE).is_file()
 
     for changed in ({"kappa": 0.4}, {"student_temperature": 2.0}, {"num_unlabeled": 16}):

@@ -8,16 +8,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import killed_after_saving
 
 import distac.training.finetune as training
 from distac.data import load_task
 from distac.errors import CheckpointError
 from distac.models import ModelSpec, build_model
 from distac.training.finetune import FinetuneConfig, finetune
-
-
-class _Crash(Exception):
-    pass
 
 
 def test_a_state_is_resumed_only_by_the_same_task_model_and_data(
@@ -27,16 +24,8 @@ def test_a_state_is_resumed_only_by_the_same_task_model_and_data(
     spec = ModelSpec("hf-text", str(tiny_bert_dir), 2, task="sst2", options={"max_length": 16})
     config = FinetuneConfig(steps=4, lr=1e-3, batch_size=8, checkpoint_every=2, device="cpu")
     work = tmp_path / "work"
-    original = training._save_state
-
-    def save_then_crash(*args: object, **kwargs: object) -> None:
-        original(*args, **kwargs)
-        raise _Crash
-
-    monkeypatch.setattr(training, "_save_state", save_then_crash)
-    with pytest.raises(_Crash):
+    with killed_after_saving(monkeypatch, training):
         finetune(build_model(spec), sst2, config, work_dir=work, progress=False)
-    monkeypatch.setattr(training, "_save_state", original)
 
     fewer = load_task("sst2", data_root).limit(24, 16, 16)
     with pytest.raises(CheckpointError, match=r"other options or inputs \(run\.data\)"):

@@ -57,23 +57,20 @@ def json_text(payload: Any, indent: int | None = 2) -> str:
     """Strict JSON for ``payload``: NaN and infinities (an undefined normalized score, the spread of one
     seed) become ``null``. Python's json would write bare ``NaN``, which jq, JavaScript and most other
     readers reject."""
-    return json.dumps(_finite(payload), indent=indent, sort_keys=False, default=_json_default, allow_nan=False)
+    return json.dumps(_finite(payload), indent=indent, sort_keys=False, allow_nan=False)
 
 
 def _finite(value: Any) -> Any:
+    """``value`` as plain JSON types (through :func:`_json_default`), non-finite floats as None."""
+    if value is None or isinstance(value, str | int):
+        return value
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_finite(v) for v in value]
-    if hasattr(value, "tolist") and not isinstance(value, str):
-        return _finite(value.tolist())
-    if hasattr(value, "__dataclass_fields__") and not isinstance(value, type):
-        import dataclasses
-
-        return _finite(dataclasses.asdict(value))
-    return value
+    return _finite(_json_default(value))
 
 
 def atomic_write_json(target: str | os.PathLike[str], payload: Any) -> Path:

@@ -16,6 +16,7 @@ are split into shards with a Hugging Face compatible index.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import pickle
@@ -23,6 +24,7 @@ import shutil
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -30,6 +32,8 @@ from safetensors.torch import save_file
 
 from distac.atomic import atomic_directory, atomic_path, atomic_write_json
 from distac.errors import CheckpointError
+
+log = logging.getLogger("distac.checkpoints")
 
 StateDict = dict[str, torch.Tensor]
 
@@ -311,7 +315,15 @@ def base_model_prefix(pretrained_keys: Iterable[str], source_keys: Iterable[str]
     return best
 
 
-def strip_key_prefix(state: Mapping[str, torch.Tensor], prefix: str, source: object) -> StateDict:
+def align_to_pretrained(state: StateDict, pretrained_keys: Iterable[str], source: object) -> StateDict:
+    """``state`` under the pretrained model's key names: its :func:`base_model_prefix`, if any, removed."""
+    prefix = base_model_prefix(pretrained_keys, state)
+    if prefix:  # e.g. a BertForSequenceClassification (bert.*) fine-tuned from a BertModel base
+        log.info("%s: the pretrained model's parameters are stored under %r here; matched by it", source, prefix)
+    return strip_key_prefix(state, prefix, source)
+
+
+def strip_key_prefix(state: Mapping[str, Any], prefix: str, source: object) -> dict[str, Any]:
     """``state`` with ``prefix`` removed from the keys that have it (the others, a task head, stay)."""
     if not prefix:
         return dict(state)

@@ -9,7 +9,6 @@ SST-2 and one for CoLA do not even have to share a shape).
 from __future__ import annotations
 
 import fnmatch
-import logging
 import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -18,10 +17,8 @@ from pathlib import Path
 
 import torch
 
-from distac.checkpoints import StateDict, base_model_prefix, load_state_dict, save_state_dict, strip_key_prefix
+from distac.checkpoints import StateDict, align_to_pretrained, load_state_dict, save_state_dict
 from distac.errors import CheckpointError
-
-log = logging.getLogger("distac.task_vectors")
 
 #: Per-task heads under the names used by distac adapters, transformers and timm/torchvision.
 DEFAULT_HEAD_PATTERNS: tuple[str, ...] = (
@@ -105,14 +102,7 @@ class TaskVector:
         keys = selector.select(pretrained)
         if not keys:
             raise CheckpointError(f"{pretrained_source}: no parameters selected for the task vector")
-        prefix = base_model_prefix(keys, finetuned)
-        if prefix:  # e.g. a BertForSequenceClassification (bert.*) fine-tuned from a BertModel base
-            log.info(
-                "%s: the pretrained model's parameters are stored under %r here; matched by it",
-                finetuned_source,
-                prefix,
-            )
-            finetuned = strip_key_prefix(finetuned, prefix, finetuned_source)
+        finetuned = align_to_pretrained(dict(finetuned), keys, finetuned_source)
         check_compatible(pretrained, finetuned, keys, pretrained_source, finetuned_source)
         extra = [k for k in selector.select(finetuned) if k not in pretrained]
         if extra:

@@ -291,13 +291,7 @@ def _merge_checkpoints(
     """Load theta_pre and every source, merge their task vectors on ``device`` (TSV-M, Iso-CTS and
     WUDI are much faster on a GPU), and save the merged model(s) from the CPU."""
     from distac.atomic import atomic_directory, atomic_write_json
-    from distac.checkpoints import (
-        base_model_prefix,
-        check_state_finite,
-        load_state_dict,
-        save_state_dict,
-        strip_key_prefix,
-    )
+    from distac.checkpoints import align_to_pretrained, check_state_finite, load_state_dict, save_state_dict
     from distac.merging.base import apply_merge
     from distac.merging.registry import get_method
     from distac.models.inference import pick_device
@@ -313,7 +307,7 @@ def _merge_checkpoints(
     for name, path in zip(names, finetuned, strict=True):
         state = load_source(path, pre, base_source=pretrained)  # a checkpoint or a LoRA adapter dir on pre
         check_state_finite(state, path)
-        state = strip_key_prefix(state, base_model_prefix((selector or ParameterSelector()).select(pre), state), path)
+        state = align_to_pretrained(state, (selector or ParameterSelector()).select(pre), path)
         extra = [k for k in state if k not in pre]  # task heads the base model lacks: not in the output
         if extra:
             left_out[name] = extra

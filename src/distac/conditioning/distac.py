@@ -221,10 +221,9 @@ def condition(
         unlabeled = corrupt_unlabeled(unlabeled, config.unlabeled_corruption, config.corruption_strength, config.seed)
     val = task.validation.subsample(config.eval_examples, seed=config.seed + 1)
     # a resume must continue this run: same task, student architecture, unlabeled inputs and teacher weights
-    resume_record = {
-        **_resume_config(config),
-        **run_identity(task, teacher.spec, unlabeled, teacher=teacher.state_dict()),
-    }
+    # (fingerprinted only when there is a resume state to write or read)
+    identity = run_identity(task, teacher.spec, unlabeled, teacher=teacher.state_dict()) if work_dir is not None else {}
+    resume_record = {**_resume_config(config), **identity}
 
     def reestimate_statistics(model: ClassifierModel) -> int:
         # a seeded subset of the unlabeled set, identical on every process (a student to be

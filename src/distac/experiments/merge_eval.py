@@ -209,7 +209,7 @@ def evaluate_method(
         lambda_search = choose_tall_lambdas(pretrained, task_vectors, bank, options).to_json()
         lambda_search["seconds"] = time.perf_counter() - start
         options["lambda_t"] = lambda_search["best"]
-    merger = get_method(method, **options)
+    merger = configured if lambda_search is None else get_method(method, **options)
     start = time.perf_counter()
     result: MergeResult = merger.merge([task_vectors[t] for t in names], task_names=names, pretrained=pretrained)
     merge_seconds = time.perf_counter() - start

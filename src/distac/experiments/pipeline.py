@@ -41,6 +41,7 @@ from distac.experiments.merge_eval import (
     individual_scores,
     searches_tall_lambdas,
 )
+from distac.experiments.report import is_defined
 from distac.models import ModelSpec, build_model, load_model, save_model
 from distac.models.base import ClassifierModel
 from distac.models.batchnorm import has_batchnorm
@@ -773,9 +774,8 @@ def _defining(scenario: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _mean(values: Any) -> float:
-    """Mean of the defined values: NaN (in memory) and None (read back from JSON) mark an undefined
-    score, such as a normalized accuracy whose individual reference is <= 0; NaN if none is defined."""
-    values = [v for v in values if isinstance(v, int | float) and v == v]
+    """Mean of the defined values (:func:`~distac.experiments.report.is_defined`); NaN if none is."""
+    values = [v for v in values if is_defined(v)]
     return sum(values) / len(values) if values else float("nan")
 
 

@@ -133,12 +133,15 @@ def _stage_seconds_line(stages: dict[str, float] | None) -> str:
     return f"Compute in the cached stages (all runs that made them): {total / 60:.1f} min ({parts} min).\n"
 
 
+def is_defined(value: Any) -> bool:
+    """Whether ``value`` is a number: an undefined score (a normalized accuracy whose individual reference
+    is <= 0, the spread of one seed) is NaN in memory and ``null`` once read back from JSON."""
+    return isinstance(value, int | float) and value == value
+
+
 def _number(value: Any, spec: str, scale: float = 1.0) -> str:
-    """``value`` formatted, or ``n/a`` where it is undefined: NaN in memory, ``null`` once read back from
-    JSON (a normalized score whose individual reference is <= 0, say)."""
-    if not isinstance(value, int | float) or value != value:
-        return "n/a"
-    return format(scale * value, spec)
+    """``value`` formatted, or ``n/a`` where it is undefined (:func:`is_defined`)."""
+    return format(scale * value, spec) if is_defined(value) else "n/a"
 
 
 def _cell(entry: dict[str, Any] | None) -> str:

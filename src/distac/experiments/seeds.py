@@ -16,7 +16,7 @@ from typing import Any
 
 from distac.atomic import atomic_write_json, atomic_write_text
 from distac.errors import ConfigError
-from distac.experiments.report import METHOD_LABELS, SCENARIO_LABELS, merged_score
+from distac.experiments.report import METHOD_LABELS, SCENARIO_LABELS, is_defined, merged_score
 
 #: Config keys that may differ between the runs being aggregated: the seed, and which scenarios and
 #: studies each run went through (only the scenarios every run has are aggregated).
@@ -183,8 +183,8 @@ def _mean_sd(stats: dict[str, Any] | None, signed: bool = False) -> str:
     if not stats:
         return ""
     sign = "+" if signed else ""
-    sd = stats.get("sd")  # undefined for one seed: NaN in memory, null once read back from seeds.json
-    spread = f" ± {sd:.1f}" if isinstance(sd, int | float) and sd == sd else ""
+    sd = stats.get("sd")  # undefined for one seed
+    spread = f" ± {sd:.1f}" if is_defined(sd) else ""
     return f"{stats['mean']:{sign}.1f}{spread}"
 
 

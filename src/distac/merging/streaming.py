@@ -78,6 +78,7 @@ from distac.checkpoints import (
     base_model_prefix,
     copy_config_files,
     open_checkpoint,
+    strip_key_prefix,
 )
 from distac.errors import CheckpointError
 from distac.merging.base import (
@@ -143,11 +144,7 @@ class _Source:
         if self.reader is not None:
             stored_keys = self.reader.keys()
             prefix = base_model_prefix(pretrained.keys(), stored_keys)
-            for stored in stored_keys:
-                name = stored[len(prefix) :] if prefix and stored.startswith(prefix) else stored
-                if name in self._stored:
-                    raise CheckpointError(f"{path}: both {stored!r} and {name!r} are stored; cannot tell which to use")
-                self._stored[name] = stored
+            self._stored = strip_key_prefix({k: k for k in stored_keys}, prefix, path)
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """Shape and dtype per key, from the headers (read once)."""

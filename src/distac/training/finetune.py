@@ -242,7 +242,8 @@ def finetune(
     losses: list[float] = []
     evaluations: list[dict[str, float]] = []
     start_step, seconds_before = 0, 0.0
-    resume_config = {**_resume_config(config), **run_identity(task, model.spec, task.train.inputs, task.train.labels)}
+    identity = run_identity(task, model.spec, task.train.inputs, task.train.labels) if work_dir is not None else {}
+    resume_config = {**_resume_config(config), **identity}
 
     def restore(loop: dict[str, Any], file: Path) -> None:
         nonlocal order, losses, evaluations, start_step, seconds_before
