@@ -200,6 +200,34 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def exclusive(target: str | os.PathLike[str], waiting: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold an inter-process lock on ``target`` while making it.
+
+    Two runs on one run directory (``--scenario mixup`` and ``--scenario focal`` in two terminals) share
+    stages such as the normal sources: without a lock both make them, and the later one overwrites the
+    other's. The caller checks its cache again once it holds the lock, so the second run waits and then
+    reuses what the first made. The lock is a hidden ``.<name>.lock`` file beside ``target`` (``visible``
+    leaves it out); the kernel releases it when its process dies, so a killed run never leaves it held.
+    ``waiting`` is told (once) when another process holds it.
+    """
+    import filelock
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(str(target.parent / f".{target.name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        if waiting is not None:
+            waiting(f"waiting for another run that is making {target}")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def _nearly_full(directory: Path, margin: int = 1 << 20) -> bool:
     try:
         return shutil.disk_usage(directory).free < margin

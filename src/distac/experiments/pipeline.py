@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from distac.atomic import atomic_write_json, visible
+from distac.atomic import atomic_write_json, exclusive, visible
 from distac.checkpoints import StateDict
 from distac.data import TaskData, load_task
 from distac.environment import environment_record
@@ -104,16 +104,16 @@ class ExperimentRunner:
         from distac.resume import data_fingerprint
 
         file = self.run_dir / "data.json"
-        recorded = json.loads(file.read_text()) if file.is_file() else {}
         current = {
             split: data_fingerprint(data.split(split).inputs, data.split(split).labels)
             for split in ("train", "validation", "test")
         }
-        previous = recorded.get(data.name)
-        if previous is None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(file, {**recorded, data.name: current})
-        elif previous != current:
+        with exclusive(file):  # another run on this run dir may be recording its tasks
+            recorded = json.loads(file.read_text()) if file.is_file() else {}
+            previous = recorded.get(data.name)
+            if previous is None:
+                atomic_write_json(file, {**recorded, data.name: current})
+        if previous is not None and previous != current:
             raise ConfigError(
                 f"{self.run_dir} was made on other {data.name} data than {data.source or data.name} "
                 f"(splits {', '.join(s for s in current if previous.get(s) != current[s])} differ; see {file}): "
@@ -164,19 +164,25 @@ class ExperimentRunner:
         return self.run_dir / "sources" / recipe / task
 
     def ensure_source(self, recipe: str, task: str) -> Path:
+        """The fine-tuned source ``recipe/task`` under ``sources/``, made once and then reused."""
+        out = self.source_dir(recipe, task)
+        if not (out / "distac_model.json").is_file():
+            with exclusive(out, self.echo):  # another run on this run dir may be making it: wait, then reuse
+                if not (out / "distac_model.json").is_file():
+                    self._finetune_source(recipe, task, out)
+        cached = json.loads((out / "distac_model.json").read_text()).get("class_names")
+        current = self.task_data(task).class_names
+        if cached and cached != current:  # e.g. AG News, whose names distac permuted before 2026-11-27
+            raise ConfigError(
+                f"{out}: a cached source made with other class names for {task} ({cached} here, {current} now); "
+                f"its head was built for those. Delete {out} (and the conditioned models and merges made from it) "
+                "or use another --run-dir"
+            )
+        return out
+
+    def _finetune_source(self, recipe: str, task: str, out: Path) -> None:
         from distac.training.finetune import finetune
 
-        out = self.source_dir(recipe, task)
-        if (out / "distac_model.json").is_file():
-            cached = json.loads((out / "distac_model.json").read_text()).get("class_names")
-            current = self.task_data(task).class_names
-            if cached and cached != current:  # e.g. AG News, whose names distac permuted before 2026-11-27
-                raise ConfigError(
-                    f"{out}: a cached source made with other class names for {task} ({cached} here, {current} now); "
-                    f"its head was built for those. Delete {out} (and the conditioned models and merges made from it) "
-                    "or use another --run-dir"
-                )
-            return out
         config = self.recipe_config(recipe)
         self.echo(f"fine-tuning {task} [{recipe}] lr={config.lr:g} loss={config.loss.kind} steps={config.steps}")
         model = build_model(self.spec_for(task), pretrained=True)
@@ -192,7 +198,6 @@ class ExperimentRunner:
         }
         save_model(model, out, extra={"finetune.json": record})
         self._prune_empty_work_dirs(work_dir)
-        return out
 
     def _prune_empty_work_dirs(self, work_dir: Path) -> None:
         """Remove ``work_dir`` and its parents below the run dir while they are empty: a finished
@@ -226,16 +231,27 @@ class ExperimentRunner:
         ``scenario`` picks the settings (temperatures) via ``condition_settings``; ``overrides``
         and a ``tag`` naming them give study variants (less or corrupted unlabeled data).
         """
-        from distac.conditioning.distac import ConditionConfig, condition
+        from distac.conditioning.distac import ConditionConfig
 
         name = f"{recipe}-{task}" + (f"-{tag}" if tag else "")
         out = self.run_dir / "conditioned" / scenario / name
         values = {**self.config.condition_settings(scenario), **(overrides or {})}
         config = replace(ConditionConfig(**values), kappa=kappa)
-        if (out / "distac_model.json").is_file():
-            if self._conditioned_batchnorm_current(out, config):
-                return out
-            self.echo(f"  {scenario}/{name}: made with other BatchNorm settings; conditioning again")
+        if (out / "distac_model.json").is_file() and self._conditioned_batchnorm_current(out, config):
+            return out
+        with exclusive(out, self.echo):  # another run on this run dir may be making it: wait, then reuse
+            if (out / "distac_model.json").is_file():
+                if self._conditioned_batchnorm_current(out, config):
+                    return out
+                self.echo(f"  {scenario}/{name}: made with other BatchNorm settings; conditioning again")
+            self._condition_source(scenario, recipe, task, kappa, config, name, tag, out)
+        return out
+
+    def _condition_source(
+        self, scenario: str, recipe: str, task: str, kappa: float, config: Any, name: str, tag: str, out: Path
+    ) -> None:
+        from distac.conditioning.distac import condition
+
         self.echo(
             f"conditioning {task} [{recipe}, {scenario}] kappa={kappa:.3f} "
             f"T_t={config.teacher_temperature} T_s={config.student_temperature} steps={config.steps}"
@@ -257,7 +273,6 @@ class ExperimentRunner:
         record["batchnorm_recomputed_layers"] = result.config.get("batchnorm_recomputed_layers", 0)
         save_model(result.student, out, extra={"condition.json": record})
         self._prune_empty_work_dirs(work_dir)
-        return out
 
     def _conditioned_batchnorm_current(self, out: Path, config: Any) -> bool:
         """Whether a cached conditioned model treated BatchNorm statistics as ``config`` asks.
@@ -342,38 +357,63 @@ class ExperimentRunner:
         for method in methods or self.config.methods:
             file = out_dir / f"{method}.json"
             grid = self.coefficient_grid_for(method)
-            if file.is_file():
-                cached = json.loads(file.read_text())
-                if (
-                    cached.get("info", {}).get("hyperparameters") == self._method_hyperparameters(method)
-                    and cached.get("batchnorm_statistics", "keep") == batchnorm
-                    and (cached.get("search") is not None) == (grid is not None)
-                    and (cached.get("lambda_t_search") is not None)
-                    == searches_tall_lambdas(method, self.config.method_options.get(method))
-                ):
-                    results[method] = cached
-                    continue
-                self.echo(f"  {scenario_key}: {method} options changed; merging again")
-            start = time.perf_counter()
-            evaluation = evaluate_method(
-                method,
-                self.pretrained_backbone(),
-                vectors,
-                bank,
-                individual_val=ind_val,
-                individual_test=ind_test,
-                grid=grid,
-                hyperparameters=self.config.method_options.get(method),
-            )
-            record = evaluation.to_json()
-            record["seconds_total"] = time.perf_counter() - start
-            atomic_write_json(file, record)
-            results[method] = record
-            self.echo(
-                f"  {scenario_key:<40} {method:<16} abs={record['absolute']:.4f} "
-                f"norm={record['normalized']:.4f} lambda={record['coefficient']:.2f}"
-            )
+            cached = self._current_merge_record(file, method, grid, batchnorm)
+            if cached is None:
+                with exclusive(file, self.echo):  # another run on this run dir may be merging it: wait, reuse
+                    cached = self._current_merge_record(file, method, grid, batchnorm)
+                    if cached is None:
+                        if file.is_file():
+                            self.echo(f"  {scenario_key}: {method} options changed; merging again")
+                        cached = self._merge_and_record(method, file, grid, vectors, bank, ind_val, ind_test)
+                        self.echo(
+                            f"  {scenario_key:<40} {method:<16} abs={cached['absolute']:.4f} "
+                            f"norm={cached['normalized']:.4f} lambda={cached['coefficient']:.2f}"
+                        )
+            results[method] = cached
         return results
+
+    def _current_merge_record(
+        self, file: Path, method: str, grid: list[float] | None, batchnorm: str
+    ) -> dict[str, Any] | None:
+        """The cached merge record in ``file`` if it was made as this config would make it now, else None."""
+        if not file.is_file():
+            return None
+        cached = json.loads(file.read_text())
+        current = (
+            cached.get("info", {}).get("hyperparameters") == self._method_hyperparameters(method)
+            and cached.get("batchnorm_statistics", "keep") == batchnorm
+            and (cached.get("search") is not None) == (grid is not None)
+            and (cached.get("lambda_t_search") is not None)
+            == searches_tall_lambdas(method, self.config.method_options.get(method))
+        )
+        return cached if current else None
+
+    def _merge_and_record(
+        self,
+        method: str,
+        file: Path,
+        grid: list[float] | None,
+        vectors: dict[str, StateDict],
+        bank: TaskModelBank,
+        ind_val: dict[str, Any],
+        ind_test: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Merge with ``method`` (its coefficient searched over ``grid``), evaluate, and write the record."""
+        start = time.perf_counter()
+        evaluation = evaluate_method(
+            method,
+            self.pretrained_backbone(),
+            vectors,
+            bank,
+            individual_val=ind_val,
+            individual_test=ind_test,
+            grid=grid,
+            hyperparameters=self.config.method_options.get(method),
+        )
+        record = evaluation.to_json()
+        record["seconds_total"] = time.perf_counter() - start
+        atomic_write_json(file, record)
+        return record
 
     def coefficient_grid_for(self, method: str) -> list[float] | None:
         """The validation grid for ``method``'s lambda, or None to merge at its default coefficient
@@ -696,10 +736,12 @@ class ExperimentRunner:
         }
         if earlier["carried_over"]:
             results["carried_over"] = earlier["carried_over"]
+        made: set[tuple[str, str]] = set()
         for scenario in scenarios or list(self.config.scenarios):
             self.echo(f"== scenario {scenario}")
             results["scenarios"][scenario] = self.run_scenario(scenario)
-            atomic_write_json(self.run_dir / "results.json", results)
+            made.add(("scenarios", scenario))
+            self._write_results(results, made)
         results["scenarios"] = {s: results["scenarios"][s] for s in self.config.scenarios if s in results["scenarios"]}
         study_results: dict[str, Any] = dict(earlier["studies"])
         for study, options in self.config.studies.items():
@@ -717,13 +759,36 @@ class ExperimentRunner:
             elif kind == "unlabeled_data":
                 study_results[study] = self.unlabeled_data_study(**options)
             results["studies"] = study_results
-            atomic_write_json(self.run_dir / "results.json", results)
+            made.add(("studies", study))
+            self._write_results(results, made)
         if study_results:
             results["studies"] = study_results
         results["wall_seconds"] = time.perf_counter() - start
         results["stage_seconds"] = self.stage_seconds()
-        atomic_write_json(self.run_dir / "results.json", results)
+        self._write_results(results, made)
         return results
+
+    def _write_results(self, results: dict[str, Any], made: set[tuple[str, str]]) -> None:
+        """Write ``results`` to the run dir's results.json, keeping what another run on this run dir wrote
+        there meanwhile (``--scenario mixup`` and ``--scenario focal`` run side by side would otherwise
+        each drop the other's column): scenarios and studies this run did not make are taken from the
+        file when it holds a report of the same configuration. ``results`` is updated in place."""
+        file = self.run_dir / "results.json"
+        with exclusive(file):
+            try:
+                on_disk = json.loads(file.read_text()) if file.is_file() else {}
+            except (OSError, ValueError):
+                on_disk = {}  # an unreadable report is rebuilt from this run alone
+            if on_disk.get("config") == results["config"]:
+                for section in ("scenarios", "studies"):
+                    known = getattr(self.config, section)
+                    theirs = {
+                        n: r for n, r in (on_disk.get(section) or {}).items() if n in known and (section, n) not in made
+                    }
+                    if theirs:
+                        merged = {**(results.get(section) or {}), **theirs}
+                        results[section] = {n: merged[n] for n in known if n in merged}
+            atomic_write_json(file, results)
 
     def earlier_results(self, scenarios: list[str] | None, studies: list[str] | None) -> dict[str, Any]:
         """The scenarios and studies of this run dir's results.json that this run does not redo, so a
