@@ -243,3 +243,34 @@ def test_diagnose_flags_planted_sources(sst2, pretrained, normal, long_source, d
     )
     assert report2.flagged("low_confidence") == ["unsure"]
     assert report2.sources[2]["recommendation_detail"]["student_temperature"] >= 4.0  # the floor
+
+
+def test_diagnose_flags_an_unsure_source_that_is_not_underconfident(sst2, pretrained, normal, data_root) -> None:
+    """What label smoothing does to a source with a frozen head: about as confident as it is accurate
+    (accuracy minus confidence near 0, so rule (a) misses it), but far less certain than its peers.
+    The relative-entropy rule is on by default for this; ``entropy_ratio=None`` turns it off."""
+    trec = load_task("trec", data_root).limit(train=320, validation=96, test=64)
+    trec_model = _train(trec, 3e-4)
+    unsure = copy.deepcopy(normal)
+    with torch.no_grad():
+        unsure.head.weight.mul_(0.1)
+        unsure.head.bias.mul_(0.1)
+    sources = [
+        SourceModel("sst2-normal", normal, sst2),
+        SourceModel("trec", trec_model, trec),
+        SourceModel("unsure", unsure, sst2),
+    ]
+    for _ in range(12):  # sharpen the planted source until it is no longer underconfident
+        row = diagnose(pretrained, sources, num_examples=96, device="cpu", entropy_ratio=None).sources[2]
+        if row["underconfidence"] <= 0.05:
+            break
+        with torch.no_grad():
+            unsure.head.weight.mul_(1.25)
+            unsure.head.bias.mul_(1.25)
+    assert row["underconfidence"] <= 0.05 and row["flags"] == [], row  # rule (a) alone: missed
+    report = diagnose(pretrained, sources, num_examples=96, device="cpu")
+    unsure_row = report.sources[2]
+    others = [r["normalized_entropy"] for r in report.sources[:2]]
+    assert unsure_row["normalized_entropy"] >= 3 * sorted(others)[0], (unsure_row, others)
+    assert report.flagged("low_confidence") == ["unsure"]
+    assert unsure_row["recommendation_detail"]["kappa"] == 1.0

@@ -94,3 +94,22 @@ def test_from_checkpoints_and_save_load(tmp_path: Path) -> None:
     assert TaskVector.from_checkpoints(tmp_path / "pre", tmp_path / "ft", include_only).keys() == [
         "backbone.layer.0.bias"
     ]
+
+
+def test_a_few_absent_modules_get_advice_another_architecture_does_not() -> None:
+    """A distac text model has no BERT pooler (mean pooling), its base does: the error names the exclude
+    glob that fixes it. Missing parts of modules that are otherwise there are no such case."""
+    from distac.errors import CheckpointError
+    from distac.task_vectors import check_compatible
+
+    base = {f"encoder.layer.{i}.{p}": torch.zeros(2) for i in range(6) for p in ("weight", "bias")}
+    base |= {"pooler.dense.weight": torch.zeros(2), "pooler.dense.bias": torch.zeros(2)}
+    without_pooler = {k: v for k, v in base.items() if not k.startswith("pooler.")}
+    with pytest.raises(CheckpointError, match=r"missing 2 parameters.*--exclude 'pooler\.dense\.\*'"):
+        check_compatible(base, without_pooler, base, "base", "ft")
+    half_a_layer = {k: v for k, v in base.items() if k != "encoder.layer.3.bias"}
+    with pytest.raises(CheckpointError, match=r"different architecture\?\)$"):
+        check_compatible(base, half_a_layer, base, "base", "ft")
+    other = {"conv.weight": torch.zeros(2)}
+    with pytest.raises(CheckpointError, match=r"different architecture\?\)$"):
+        check_compatible(base, other, base, "base", "ft")

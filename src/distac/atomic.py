@@ -92,12 +92,13 @@ def atomic_write_with(target: str | os.PathLike[str], writer: Callable[[Path], N
 #: Written into every directory :func:`atomic_directory` builds: the sign that distac may replace it.
 OUTPUT_MARKER = ".distac_output"
 #: Files that mark a directory written by distac before the marker existed (model spec, merge record).
-_LEGACY_OUTPUT_FILES = ("distac_model.json", "merge.json")
+_LEGACY_OUTPUT_FILES = ("distac_model.json", "merge.json", "diagnosis.json", "evaluation.json")
 
 
 def is_replaceable_output(directory: Path) -> bool:
     """Whether an existing directory may be swapped for a new output: it is empty, or distac wrote it
-    (its marker, or a model spec / merge record at the top or one level down, for per-task merges)."""
+    (its marker, or a model spec, merge record or report of a version before the marker, at the top or one
+    level down, for per-task merges)."""
     entries = list(directory.iterdir())
     if not entries or (directory / OUTPUT_MARKER).is_file():
         return True

@@ -239,7 +239,7 @@ def check_compatible(
     if missing:
         raise CheckpointError(
             f"{other_source}: missing {len(missing)} parameters present in {reference_source}, e.g. {missing[:5]} "
-            "(different architecture?)"
+            f"(different architecture?){_absent_module_hint(missing, keys)}"
         )
     for key in keys:
         a, b = reference[key], other[key]
@@ -250,6 +250,24 @@ def check_compatible(
             )
         if a.is_floating_point() != b.is_floating_point():
             raise CheckpointError(f"{other_source}: parameter {key!r} has dtype {b.dtype}, expected {a.dtype}")
+
+
+def _absent_module_hint(missing: Sequence[str], keys: Sequence[str]) -> str:
+    """Advice when the missing parameters are a few whole modules, not another architecture: a model
+    saved without a module its task never used (a BERT pooler under mean pooling, which distac's text
+    models drop) against a base that has it. Excluding them is then right; a guess from the names,
+    so it is advice, never applied silently."""
+    modules = sorted({k.rsplit(".", 1)[0] for k in missing})
+    if len(missing) > max(4, len(keys) // 20) or len(modules) > 3:
+        return ""
+    present = {k.rsplit(".", 1)[0] for k in keys if k not in set(missing)}
+    if any(m == p or p.startswith(m + ".") for m in modules for p in present):
+        return ""  # part of a module that is otherwise there: not a module simply left out
+    globs = " ".join(f"--exclude '{m}.*'" for m in modules)
+    return (
+        f". If it was saved without {', '.join(modules)} (a module its task never used, such as a pooler), "
+        f"leave {'it' if len(modules) == 1 else 'them'} out: {globs} (CLI) or ParameterSelector(exclude=...)"
+    )
 
 
 def cosine_matrix(vectors: Sequence[TaskVector]) -> list[list[float]]:

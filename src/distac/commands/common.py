@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import json
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +85,78 @@ def require_exists(path: Path, what: str) -> Path:
     if not path.exists():
         raise typer.BadParameter(f"{what} {path} does not exist")
     return path
+
+
+@contextlib.contextmanager
+def report_directory(output: Path | None) -> Iterator[Path | None]:
+    """Where a command writes its report files (``diagnose -o``, ``evaluate -o``): a temporary directory
+    that replaces ``output`` once every file is written, or None when there is no ``output``.
+
+    It goes through :func:`distac.atomic.atomic_directory`, as ``merge`` and ``finetune`` outputs do, so the
+    directory carries the ``.distac_output`` marker: the same command run again into the same ``-o`` may
+    replace it (writing the files into the directory directly left it unmarked, and the second run was
+    refused as "files distac did not write"), and a failed run leaves no partial report. Check the output
+    with :func:`distac.checkpoints.check_output_path` before the work, naming the inputs: the swap replaces
+    the whole directory, so an output over an input would delete it."""
+    if output is None:
+        yield None
+        return
+    from distac.atomic import atomic_directory
+
+    with atomic_directory(output) as tmp:
+        yield tmp
+
+
+#: The record ``distac merge`` writes at the top of its output (and into each per-task model).
+MERGE_RECORD = "merge.json"
+
+
+def expand_model_dirs(paths: Sequence[Path]) -> list[Path]:
+    """The distac model directories ``paths`` name, a ``distac merge`` output standing for its models.
+
+    ``distac merge`` of distac model directories writes no single model: each task keeps its own head, so
+    the output holds one complete model per task (``OUTPUT/<task>/``, the merged backbone with that task's
+    head) beside the record ``OUTPUT/merge.json``. Such a folder is taken as those models, in the order of
+    the merge's sources (the order ``--individual`` references follow). Its ``merge.json`` given as a path
+    (``OUTPUT/*`` in a shell expands to it beside the models) stands for the models not also named.
+    Anything else is kept as given, so a wrong path still fails with the loader's own message."""
+    from distac.models.base import SPEC_FILE
+
+    named = {p.resolve() for p in paths}
+    out: list[Path] = []
+    for path in paths:
+        if path.is_dir() and not (path / SPEC_FILE).is_file() and (path / MERGE_RECORD).is_file():
+            out.extend(merged_models(path))
+        elif path.name == MERGE_RECORD and path.is_file() and not (path.parent / SPEC_FILE).is_file():
+            out.extend(m for m in merged_models(path.parent) if m.resolve() not in named)
+        else:
+            out.append(path)
+    return out
+
+
+def merged_models(output: Path) -> list[Path]:
+    """The per-task distac models in the merge output ``output``, in the order its ``merge.json`` lists the
+    sources (the sorted subfolders holding a model, when the record does not say)."""
+    from distac.errors import CheckpointError
+    from distac.models.base import SPEC_FILE
+
+    try:
+        record = json.loads((output / MERGE_RECORD).read_text(encoding="utf-8"))
+        names = [str(source["name"]) for source in record["sources"]]
+    except (OSError, ValueError, TypeError, KeyError, RecursionError):
+        names = []  # an unreadable record: the subfolders say which models there are
+    models = [output / name for name in names if Path(name).name == name and (output / name / SPEC_FILE).is_file()]
+    if names and models and len(models) != len(names):
+        missing = [name for name in names if output / name not in models]
+        raise CheckpointError(
+            f"{output}: its {MERGE_RECORD} lists the tasks {names}, but {missing} hold no distac model "
+            f"(no {SPEC_FILE}); the merge output is incomplete, run distac merge again"
+        )
+    if not models:
+        models = sorted(p.parent for p in output.glob(f"*/{SPEC_FILE}") if not p.parent.name.startswith("."))
+    if not models:
+        raise CheckpointError(
+            f"{output}: a merge of plain checkpoints (its {MERGE_RECORD} beside no distac model per task); "
+            "this command takes distac model directories (distac finetune outputs, or a merge of them)"
+        )
+    return models

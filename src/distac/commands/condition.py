@@ -13,6 +13,7 @@ from distac.commands.common import (
     SET_OPTION,
     console,
     merged_options,
+    require_distinct_sources,
 )
 
 
@@ -24,8 +25,9 @@ def register(app: typer.Typer) -> None:
         kappa: str | None = typer.Option(
             None,
             "--kappa",
-            help="Task-vector scale for the student start (default: the config's, else 1); 'auto' = the mean "
-            "norm of --others over the source's own, never above 1.",
+            help="Task-vector scale for the student start, in (0, 1]: DisTaC shrinks a too-long task vector, "
+            "never stretches one (default: the config's, else 1); 'auto' = the mean norm of --others over the "
+            "source's own, never above 1.",
         ),
         others: list[Path] = typer.Option([], "--others", help="The other sources (for --kappa auto)."),
         steps: int | None = typer.Option(None, help="Distillation steps (paper: 500)."),
@@ -54,7 +56,7 @@ def register(app: typer.Typer) -> None:
         from distac.conditioning.distac import ConditionConfig, condition
         from distac.conditioning.losses import scaling_coefficient
         from distac.config import build_dataclass, load_config
-        from distac.data import load_task
+        from distac.data import load_model_task, load_task
         from distac.distributed import is_main_process
         from distac.models import build_model, load_model, save_model
         from distac.models.registry import backbone_state, check_same_backbone
@@ -66,12 +68,22 @@ def register(app: typer.Typer) -> None:
         kappa = str(kappa if kappa is not None else configured_kappa)  # the flag, else the config's
         if others and kappa != "auto":
             raise typer.BadParameter("--others only serve --kappa auto; add it, or drop --others")
+        if kappa == "auto":
+            if not others:
+                raise typer.BadParameter("--kappa auto needs --others")
+            # the source among --others would count in the mean norm it is compared with (pulling kappa
+            # towards 1), and another source given twice would count twice
+            if any(other.resolve() == source.resolve() for other in others):
+                raise typer.BadParameter(
+                    f"--others holds the conditioned source {source} itself; give the other sources of the merge"
+                )
+            require_distinct_sources(others)
+        else:
+            kappa_value = _fixed_kappa(kappa)  # before any model is loaded
         teacher = load_model(source)
         selector = teacher.task_vector_selector()
         pretrained = backbone_state(build_model(teacher.spec))
         if kappa == "auto":
-            if not others:
-                raise typer.BadParameter("--kappa auto needs --others")
             other_models = {str(p): load_model(p) for p in others}
             check_same_backbone({str(source): teacher, **other_models})
             norms = [
@@ -79,11 +91,6 @@ def register(app: typer.Typer) -> None:
                 for m in [teacher, *other_models.values()]
             ]
             kappa_value = scaling_coefficient(norms, 0)
-        else:
-            try:
-                kappa_value = float(kappa)
-            except ValueError:
-                raise typer.BadParameter(f"--kappa must be a number or 'auto', got {kappa!r}") from None
         values = merged_options(
             values,
             steps=steps,
@@ -97,7 +104,8 @@ def register(app: typer.Typer) -> None:
             kappa=kappa_value,
         )
         cfg = build_dataclass(ConditionConfig, values, "condition")
-        task = load_task(task_name or teacher.spec.task or source.name, data_root)
+        # the source's own task falls back to the dataset it was fine-tuned on (a path it recorded)
+        task = load_task(task_name, data_root) if task_name else load_model_task(teacher.spec, data_root, source.name)
         teacher.check_task(task, "validation", model_source=source)
         result = condition(teacher, pretrained, task, cfg, work_dir=work_dir or output.with_name(output.name + ".work"))
         if not is_main_process():
@@ -109,3 +117,23 @@ def register(app: typer.Typer) -> None:
             f"||tau||/||tau_0||={last['norm_ratio_to_original']:.3f}, val acc {last['val_accuracy']:.3f}, "
             f"entropy {last['entropy']:.3f}"
         )
+
+
+def _fixed_kappa(kappa: str) -> float:
+    """``--kappa`` (or the config's ``kappa``) as a number in (0, 1].
+
+    DisTaC starts the student at theta_pre + kappa * tau to shrink a task vector that is too long for
+    the merge; kappa > 1 would lengthen it (the harm being removed) and kappa <= 0 removes or flips
+    it, and both used to run silently. ``ConditionConfig`` refuses them as well; this names the flag."""
+    import math
+
+    try:
+        value = float(kappa)
+    except ValueError:
+        raise typer.BadParameter(f"--kappa must be a number in (0, 1] or 'auto', got {kappa!r}") from None
+    if not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise typer.BadParameter(
+            f"--kappa must be in (0, 1], got {kappa}: DisTaC only shrinks a task vector (kappa < 1 for a source "
+            "longer than the others, 1 to keep its length), it never stretches or flips one"
+        )
+    return value

@@ -17,11 +17,15 @@ from distac.commands.common import (
 
 
 def register(app: typer.Typer) -> None:
+    from distac.models.base import model_family_help
+
     @app.command("finetune")
     def finetune_command(
         task: str = typer.Option(..., "--task", "-t", help="Task name (e.g. sst2, mnist) or dataset path."),
         output: Path = typer.Option(..., "--output", "-o", help="Output distac model directory."),
-        family: str = typer.Option("hf-text", "--family", help="Model family: hf-text, clip or timm."),
+        family: str = typer.Option(
+            "hf-text", "--family", help=f"Model family (it must read the task's kind of data): {model_family_help()}."
+        ),
         backbone: str = typer.Option(
             "all-MiniLM-L6-v2",
             "--backbone",
@@ -67,14 +71,16 @@ def register(app: typer.Typer) -> None:
         only the main process writes the output."""
         from distac.checkpoints import check_output_path
         from distac.config import build_dataclass, load_config
-        from distac.data import load_task
+        from distac.data import load_task, task_dataset_path
         from distac.distributed import is_main_process
         from distac.models import ModelSpec, build_model, save_model
+        from distac.models.base import check_family_fits_task, model_family
         from distac.models.registry import resolve_backbone
         from distac.training.finetune import FinetuneConfig, finetune
         from distac.training.losses import LossConfig
 
         check_output_path(output, [backbone] if Path(backbone).exists() else [])
+        model_family(family)  # an unknown --family, before the data loads
         for flag, value in {
             "--train-examples": train_examples,
             "--max-length": max_length,
@@ -84,11 +90,23 @@ def register(app: typer.Typer) -> None:
                 raise typer.BadParameter(f"{flag} must be at least 1, got {value}")
         values = load_config(config, overrides)
         loss_values = merged_options(values.pop("loss", {}) or {}, kind=loss, alpha=alpha, gamma=gamma)
-        values = merged_options(values, steps=steps, lr=lr, batch_size=batch_size, seed=seed, head=head, device=device)
+        # --train-examples is the config's max_train_examples (the flag wins over a config value): fine-tuning
+        # takes the subset (the same stratified one, with cfg.seed, as TaskData.limit took here before) and
+        # finetune.json records the number; limiting the data here left it null in the record
+        values = merged_options(
+            values,
+            steps=steps,
+            lr=lr,
+            batch_size=batch_size,
+            seed=seed,
+            head=head,
+            device=device,
+            max_train_examples=train_examples,
+        )
         cfg = build_dataclass(FinetuneConfig, {**values, "loss": build_dataclass(LossConfig, loss_values, "loss")})
         data = load_task(task, data_root)
-        if train_examples:
-            data = data.limit(train=train_examples, seed=cfg.seed)
+        check_family_fits_task(family, data)  # before the backbone loads: a text model cannot read images
+        dataset = task_dataset_path(task, data_root)  # a dataset of the user's own: recorded for later commands
         options = {"max_length": max_length} if family == "hf-text" else {}
         if image_size:
             options["image_size"] = image_size
@@ -104,6 +122,7 @@ def register(app: typer.Typer) -> None:
             task=data.name,
             class_names=data.class_names,
             options=options,
+            task_source=str(dataset) if dataset is not None else None,
         )
         model = build_model(spec)
         result = finetune(model, data, cfg, work_dir=work_dir or output.with_name(output.name + ".work"))

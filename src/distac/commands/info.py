@@ -56,8 +56,10 @@ def register(app: typer.Typer) -> None:
 
     @app.command("task-vector")
     def task_vector(
-        pretrained: Path = typer.Argument(..., help="Pretrained checkpoint (theta_pre)."),
-        finetuned: Path = typer.Argument(..., help="Fine-tuned checkpoint (theta_t)."),
+        pretrained: Path = typer.Argument(
+            ..., help="Pretrained checkpoint (theta_pre), or a bundled backbone's name (all-MiniLM-L6-v2)."
+        ),
+        finetuned: Path = typer.Argument(..., help="Fine-tuned checkpoint (theta_t) or distac model directory."),
         output: Path | None = typer.Option(None, "--output", "-o", help="Save tau as a safetensors directory."),
         include: list[str] = typer.Option([], "--include", help="Glob of parameters to include (repeatable)."),
         exclude: list[str] = typer.Option(
@@ -74,6 +76,10 @@ def register(app: typer.Typer) -> None:
             check_output_path(output, [pretrained, finetuned])
         if json_out is not None:
             check_output_path(json_out, [pretrained, finetuned], kind="file")
+        from distac.models.text import resolve_named_backbone
+
+        if not pretrained.exists():  # the name `finetune --backbone` takes, for the backbone shipped in a package
+            pretrained = Path(resolve_named_backbone(str(pretrained)))
         selector = ParameterSelector.from_patterns(include, exclude)
         tv = TaskVector.from_checkpoints(pretrained, finetuned, selector)
         layers = tv.layer_norms()

@@ -32,13 +32,35 @@ from distac.commands.common import (
     require_distinct_sources,
 )
 
+#: ``distac merge --help``. Paragraphs are single lines: the help keeps a line break where the text has one.
+#: What the output holds is spelled out because it is not one model when the sources are distac models.
+MERGE_HELP = (
+    "Merge task vectors of fine-tuned models; write the merged model(s) and merge.json into --output."
+    "\n\nWhat OUTPUT holds depends on the sources:"
+    "\n\n* distac model directories: one complete distac model per task, OUTPUT/<task>/ (the merged backbone "
+    "with that task's own head), and the record OUTPUT/merge.json. Each task keeps its own head (and BatchNorm "
+    "statistics), so each needs its own model; the merged backbone is copied into every one, so OUTPUT takes "
+    "about T times the disk of one model. distac evaluate, diagnose and calibrate take OUTPUT itself for its "
+    "per-task models."
+    "\n\n* plain checkpoints: one merged checkpoint (model.safetensors or shards, the --pretrained model's "
+    "config and tokenizer, merge.json); the per-task methods emr and tall_masks write one such checkpoint per "
+    "task, OUTPUT/<task>/, and OUTPUT/merge.json."
+    "\n\n* --streaming: one merged checkpoint, written shard by shard."
+)
+
 
 def register(app: typer.Typer) -> None:
-    @app.command("merge")
+    @app.command("merge", help=MERGE_HELP)
     def merge(
         finetuned: list[Path] = typer.Argument(..., help="Fine-tuned checkpoints or distac model directories."),
         method: str = typer.Option(..., "--method", "-m", help="Merging method, e.g. task_arithmetic, ties, emr."),
-        output: Path = typer.Option(..., "--output", "-o", help="Output directory (written atomically)."),
+        output: Path = typer.Option(
+            ...,
+            "--output",
+            "-o",
+            help="Output directory (written atomically); for distac model dirs one model per task, OUTPUT/<task>/ "
+            "(see above).",
+        ),
         pretrained: Path | None = typer.Option(
             None, "--pretrained", "-p", help="Pretrained checkpoint (theta_pre); optional for distac model dirs."
         ),
@@ -46,7 +68,12 @@ def register(app: typer.Typer) -> None:
             None, "--coefficient", "-l", help="Scaling coefficient lambda (default: the method's paper default)."
         ),
         search: bool = typer.Option(
-            False, "--search", help="Choose lambda on validation data over --grid (distac model dirs only)."
+            False,
+            "--search",
+            help="distac model dirs only: merge at every lambda of --grid, score each on the tasks' validation "
+            "splits (the mean over tasks of its score divided by the source's own) and keep the best; then "
+            "print the test scores (and normalized ones) of the merge at that lambda. Both use at most "
+            "--validation-examples examples per task.",
         ),
         grid: str = typer.Option(DEFAULT_GRID, "--grid", help="Coefficient grid start:stop:step for --search."),
         hyper: list[str] = METHOD_SET_OPTION,
@@ -64,7 +91,11 @@ def register(app: typer.Typer) -> None:
         device: str = DEVICE_OPTION,
         data_root: Path | None = DATA_ROOT_OPTION,
         validation_examples: int | None = typer.Option(
-            None, "--validation-examples", help="Use at most this many validation examples per task in --search."
+            None,
+            "--validation-examples",
+            help="--search: score at most this many validation examples per task, and report test scores on at "
+            "most as many test examples (a subsample: use distac evaluate for the full test split). "
+            "Default: all.",
         ),
         batchnorm_statistics: str = typer.Option(
             "auto",
@@ -73,7 +104,7 @@ def register(app: typer.Typer) -> None:
             "unlabeled training inputs of its task (auto, recompute) or keep the source's (keep).",
         ),
     ) -> None:
-        """Merge task vectors of fine-tuned models and write the merged model plus merge.json."""
+        """Merge task vectors of fine-tuned models and write the result into ``output`` (see MERGE_HELP)."""
         from distac.checkpoints import check_output_path, validate_checkpoint
         from distac.config import apply_overrides
         from distac.merging.registry import get_method
@@ -251,6 +282,30 @@ def parse_grid(text: str) -> list[float]:
     return [round(start + i * step, 6) for i in range(count)]
 
 
+def grid_edge_note(best: float, grid: list[float]) -> str | None:
+    """A one-line note when ``--search`` chose an end of its grid, or None.
+
+    The search only sees the grid: a best value at its largest point, or at its smallest non-zero one,
+    means the validation score was still rising toward that end, and a better lambda may lie beyond it
+    (a larger one, or one between 0 and the smallest). Saying so costs one line; silently taking the
+    edge for the optimum hides a grid that was too short. Lambda 0 is the pretrained backbone, no
+    edge to extend."""
+    if len(grid) < 2 or best == 0:
+        return None
+    positive = [value for value in grid if value > 0]
+    if best == max(grid):
+        return (
+            f"note: lambda={best} is the largest value of the grid; the best lambda may be larger. "
+            "Try a grid that goes further (--grid start:stop:step)"
+        )
+    if positive and best == min(positive):
+        return (
+            f"note: lambda={best} is the smallest non-zero value of the grid; the best lambda may be smaller. "
+            "Try a finer grid below it (--grid start:stop:step)"
+        )
+    return None
+
+
 def _record(
     method: str,
     hyper: dict[str, Any],
@@ -377,7 +432,7 @@ def _merge_distac_models(
 ) -> dict[str, Any]:
     from distac.atomic import atomic_directory, atomic_write_json
     from distac.checkpoints import load_state_dict
-    from distac.data import load_task
+    from distac.data import load_model_task
     from distac.experiments.merge_eval import EvalSettings, TaskModelBank, evaluate_method, individual_scores
     from distac.models import build_model, load_model, save_model
     from distac.models.batchnorm import estimation_inputs, recompute_batchnorm_statistics, resolve_batchnorm_choice
@@ -399,7 +454,7 @@ def _merge_distac_models(
     recompute = resolve_batchnorm_choice(batchnorm_statistics, first)
     tasks = {}
     if search or recompute:  # the task data: validation for the search, unlabeled inputs for BatchNorm
-        tasks = {n: load_task(m.spec.task or n, data_root) for n, m in models.items()}
+        tasks = {n: load_model_task(m.spec, data_root, default=n) for n, m in models.items()}
         for n, m in models.items():
             m.check_task(tasks[n], "validation")
     settings = EvalSettings(
@@ -432,11 +487,20 @@ def _merge_distac_models(
             "absolute": evaluation.absolute,
             "normalized": evaluation.normalized,
         }
+        subsample = (  # the test scores are a subsample too: say so where they are shown
+            f"; at most {validation_examples} validation and test examples per task"
+            if validation_examples is not None
+            else ""
+        )
         print_table(
-            f"{method}: test scores at lambda={coefficient}",
+            f"{method}: test scores at lambda={coefficient} (chosen on validation{subsample})",
             ["task", "score", "normalized"],
             [[t, r["score"], r["normalized"]] for t, r in evaluation.test.items()],
         )
+        searched = [point["coefficient"] for point in (evaluation.search or {}).get("curve", [])]
+        note = grid_edge_note(coefficient, searched)
+        if note:
+            console.print(note, markup=False)
     from distac.merging.base import apply_merge
     from distac.merging.registry import get_method
 

@@ -118,9 +118,11 @@ class ConditionConfig:
     student_batchnorm: str = "batch"
 
     def __post_init__(self) -> None:
-        # ConfigError (a ValueError) naming the option, e.g. "condition.kappa must be in (0.0, 10.0], got -1"
+        # ConfigError (a ValueError) naming the option, e.g. "condition.kappa must be in (0.0, 1.0], got -1".
+        # kappa only shrinks a task vector (a too-long source, kappa < 1) or keeps it (kappa = 1): above 1
+        # it would lengthen it, the very harm DisTaC removes (scaling_coefficient never exceeds 1)
         c = "condition"
-        check_option(c, "kappa", self.kappa, low=0.0, high=10.0, low_inclusive=False)
+        check_option(c, "kappa", self.kappa, low=0.0, high=1.0, low_inclusive=False)
         check_option(c, "steps", self.steps, low=1, integer=True)
         check_option(c, "lr", self.lr, low=0.0, high=10.0, low_inclusive=False)
         check_option(c, "batch_size", self.batch_size, low=1, integer=True)

@@ -1,6 +1,7 @@
 """Datasets: real tasks with train / validation / test splits, from the shared data or standard formats."""
 
 from pathlib import Path
+from typing import Any
 
 from distac.data.formats import load_hf_dataset, load_image_folder, load_table_task, read_table
 from distac.data.shared import available_tasks, canonical_task, default_data_root, load_shared_task
@@ -8,7 +9,9 @@ from distac.data.tasks import Split, TaskData, carve_validation
 from distac.errors import DataError
 
 
-def load_task(name_or_path: str, data_root: str | Path | None = None) -> TaskData:
+def load_task(
+    name_or_path: str, data_root: str | Path | None = None, recorded_path: str | Path | None = None
+) -> TaskData:
     """One entry point: a task name, or a path to a dataset in a known format (HF ``save_to_disk``
     directory, image folder, directory with ``train.tsv``/``test.tsv`` or ``train.csv``, ``.npz``).
 
@@ -19,33 +22,93 @@ def load_task(name_or_path: str, data_root: str | Path | None = None) -> TaskDat
     ``mnist``...). A bare name of a task the shared data defines always means that task, even when
     the working directory holds a folder of the same name (``distac finetune --task sst2 -o sst2``
     makes one): a model's task would otherwise resolve to its own output folder. Write ``./sst2``
-    for such a folder."""
+    for such a folder.
+
+    ``recorded_path`` is where a model's task data was when it was fine-tuned on a dataset of its own
+    (``ModelSpec.task_source``; see :func:`load_model_task`): a bare name the data root does not hold
+    is read from there, so such a model is scored next to models of the shared tasks without a
+    ``--data-root`` that would hide the shared data. The data root still comes first."""
     name = str(name_or_path)
     path = Path(name)
     bare = path.name == name and name not in (".", "..")
     if bare and _is_known_task_name(name):
-        return _load_named(name, data_root)
+        return _load_named(name, data_root, recorded_path)
     if path.exists():
         return _load_path(path, path.stem if path.suffix == ".npz" else path.name)
     if bare:
-        return _load_named(name, data_root)
+        return _load_named(name, data_root, recorded_path)
     raise DataError(f"{path}: no such dataset file or directory")
 
 
-def _load_named(name: str, data_root: str | Path | None) -> TaskData:
-    """The shared data's task ``name`` if its files are there, else ``<root>/<name>[.npz]``."""
+def task_dataset_path(name_or_path: str, data_root: str | Path | None = None) -> Path | None:
+    """The dataset of the user's own (absolute path) that :func:`load_task` reads ``name_or_path`` from:
+    the path itself, or for a bare name ``<root>/<name>[.npz]`` of the data root; None for a task in the
+    shared data's layout (sst2, mnist...). ``distac finetune`` records this path with the model
+    (``ModelSpec.task_source``) so later commands find the data without that ``--data-root``. A path
+    that does not exist and has a directory part is a DataError, as in :func:`load_task`."""
+    name = str(name_or_path)
+    path = Path(name)
+    bare = path.name == name and name not in (".", "..")
+    if not (bare and _is_known_task_name(name)) and path.exists():
+        return path.resolve()
+    if not bare:
+        raise DataError(f"{path}: no such dataset file or directory")
     from distac.data.shared import shared_task_present
 
     root = Path(data_root) if data_root else default_data_root()
     if shared_task_present(name, root):
+        return None
+    own = _own_dataset(name, root)
+    return own.resolve() if own is not None else None
+
+
+def load_model_task(spec: Any, data_root: str | Path | None = None, default: str | None = None) -> TaskData:
+    """The task a model was trained on, for the commands that score, diagnose, condition or merge it:
+    ``spec.task`` (else ``default``, e.g. the model's folder name) looked up as :func:`load_task` does,
+    falling back to the dataset path recorded at fine-tuning (``spec.task_source``) when the data root
+    has no such task. ``spec`` is a :class:`~distac.models.ModelSpec`."""
+    name = getattr(spec, "task", None) or default
+    if not name:
+        raise DataError("the model names no task (its distac_model.json has no 'task'): give the task")
+    return load_task(name, data_root, recorded_path=getattr(spec, "task_source", None))
+
+
+def _load_named(name: str, data_root: str | Path | None, recorded_path: str | Path | None = None) -> TaskData:
+    """The shared data's task ``name`` if its files are there, else ``<root>/<name>[.npz]``, else the
+    model's ``recorded_path`` (its dataset when it was fine-tuned) if that still exists."""
+    from distac.data.shared import shared_task_present
+
+    recorded = Path(recorded_path) if recorded_path else None
+    try:
+        root = Path(data_root) if data_root else default_data_root()
+    except DataError:  # no shared data at all: a model's own dataset needs none
+        if recorded is not None and recorded.exists():
+            return _load_path(recorded, name)
+        raise
+    if shared_task_present(name, root):
         return load_shared_task(name, root)
-    for candidate in (root / name, root / f"{name}.npz", root / canonical_task(name)):
-        if candidate.exists():
-            return _load_path(candidate, name)
+    own = _own_dataset(name, root)
+    if own is not None:
+        return _load_path(own, name)
+    if recorded is not None and recorded.exists():
+        return _load_path(recorded, name)
     try:
         return load_shared_task(name, root)  # its error names the missing shared file or the known tasks
     except DataError as error:
-        raise DataError(f"{error} (nor is there a dataset {root / name} or {root / name}.npz)") from None
+        gone = f"; the model's own dataset {recorded} is gone too" if recorded is not None else ""
+        raise DataError(
+            f"{error} (nor is there a dataset {root / name} or {root / name}.npz{gone}). Give --data-root DIR "
+            f"holding {name}/ or {name}.npz, or the dataset's path (--task PATH where the command takes one); "
+            "a model fine-tuned on a dataset path records it and finds it there while it exists"
+        ) from None
+
+
+def _own_dataset(name: str, root: Path) -> Path | None:
+    """A user's dataset named after task ``name`` in the data root: ``<root>/<name>[.npz]``."""
+    for candidate in (root / name, root / f"{name}.npz", root / canonical_task(name)):
+        if candidate.exists():
+            return candidate
+    return None
 
 
 def _load_path(path: Path, name: str) -> TaskData:
@@ -92,8 +155,10 @@ __all__ = [
     "default_data_root",
     "load_hf_dataset",
     "load_image_folder",
+    "load_model_task",
     "load_shared_task",
     "load_table_task",
     "load_task",
     "read_table",
+    "task_dataset_path",
 ]

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from distac.atomic import atomic_write_json, atomic_write_text
-from distac.data import TaskData, canonical_task, load_task
+from distac.data import TaskData, canonical_task, load_model_task
 from distac.errors import CheckpointError, ConfigError
 from distac.evaluation.calibration import calibration_report
 from distac.evaluation.metrics import TaskMetrics, compute_metrics, reliability_bins
@@ -73,7 +73,7 @@ def evaluate_paths(
     rows = []
     for i, path in enumerate(models):
         model = load_model(path)
-        task = load_task(model.spec.task or path.name, data_root)
+        task = load_model_task(model.spec, data_root, default=path.name)
         logits, labels = model_logits(model, task, split, examples, device, model_source=path)
         temperature = stored_temperature(path) if use_temperature else None
         if temperature is not None:
@@ -128,7 +128,7 @@ def stored_temperature(path: Path) -> float | None:
 
 def calibrate_path(path: Path, *, examples: int | None, device: str, data_root: Path | None) -> dict[str, Any]:
     model = load_model(path)
-    task = load_task(model.spec.task or path.name, data_root)
+    task = load_model_task(model.spec, data_root, default=path.name)
     val_logits, val_labels = model_logits(model, task, "validation", examples, device, model_source=path)
     test_logits, test_labels = model_logits(model, task, "test", examples, device, model_source=path)
     report = calibration_report(val_logits, val_labels, test_logits, test_labels, task.metric)

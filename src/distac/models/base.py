@@ -40,9 +40,19 @@ class ModelSpec:
     task: str | None = None
     class_names: list[str] | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    #: Where the task's data was when the model was trained on a dataset given as a path (absolute):
+    #: later commands look ``task`` up in their data root and fall back to this path when the root has
+    #: no such task, so a model fine-tuned on ``--task ./mine/mytask`` can be scored next to models of
+    #: the shared tasks. None for a task named in the data root.
+    task_source: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        payload = asdict(self)
+        if payload["task_source"] is None:
+            # left out, not written as null: the spec of every model of a named task (and the resume
+            # identity of its runs, which holds the spec) stays as it was before this field existed
+            del payload["task_source"]
+        return payload
 
     @classmethod
     def from_json(cls, payload: Mapping[str, Any], source: object = "spec") -> ModelSpec:
@@ -65,8 +75,9 @@ class ModelSpec:
         for key in ("family", "backbone"):
             if not isinstance(payload.get(key), str) or not payload[key]:
                 raise CheckpointError(f"{source}: invalid model spec: {key} must be a non-empty string")
-        if payload.get("task") is not None and not isinstance(payload["task"], str):
-            raise CheckpointError(f"{source}: invalid model spec: task must be a string, got {payload['task']!r}")
+        for key in ("task", "task_source"):
+            if payload.get(key) is not None and not isinstance(payload[key], str):
+                raise CheckpointError(f"{source}: invalid model spec: {key} must be a string, got {payload[key]!r}")
         try:
             return cls(
                 family=str(payload["family"]),
@@ -75,6 +86,7 @@ class ModelSpec:
                 task=payload.get("task"),
                 class_names=list(payload["class_names"]) if payload.get("class_names") else None,
                 options=dict(payload.get("options") or {}),
+                task_source=payload.get("task_source"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{source}: invalid model spec: {exc}") from exc
@@ -90,7 +102,10 @@ class ModelSpec:
             raise CheckpointError(f"{file}: invalid JSON: {exc}") from exc
         return cls.from_json(payload, file)
 
-    def with_task(self, task: str, num_labels: int, class_names: Sequence[str] | None) -> ModelSpec:
+    def with_task(
+        self, task: str, num_labels: int, class_names: Sequence[str] | None, task_source: str | None = None
+    ) -> ModelSpec:
+        """The same architecture for another task (``task_source``: that task's dataset path, if any)."""
         return ModelSpec(
             family=self.family,
             backbone=self.backbone,
@@ -98,7 +113,94 @@ class ModelSpec:
             task=task,
             class_names=list(class_names) if class_names else None,
             options=dict(self.options),
+            task_source=task_source,
         )
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """One model family :func:`distac.models.build_model` knows (``ModelSpec.family``).
+
+    ``inputs`` is the kind of task data it reads (``TaskData.kind``: ``text`` or ``image``): a text
+    encoder fed images (or an image backbone fed sentence pairs) used to fail deep in a tokenizer or
+    an image transform with an error naming neither the task nor the family. ``adapter`` names the
+    :class:`ClassifierModel` subclass as ``module:Class``, imported only when a model is built."""
+
+    name: str
+    inputs: str
+    summary: str
+    adapter: str
+
+    def model_class(self) -> type[ClassifierModel]:
+        import importlib
+
+        module, _, name = self.adapter.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+#: The registry of model families: ``--family`` choices, their help and the task kind each reads.
+MODEL_FAMILY_INFO: dict[str, ModelFamily] = {
+    family.name: family
+    for family in (
+        ModelFamily(
+            "hf-text",
+            "text",
+            "a Hugging Face text encoder (BERT, MiniLM, RoBERTa...) with a task head",
+            "distac.models.text:TextClassifier",
+        ),
+        ModelFamily(
+            "clip",
+            "image",
+            "a CLIP checkpoint's image encoder with zero-shot heads from the class names",
+            "distac.models.clip:CLIPClassifier",
+        ),
+        ModelFamily(
+            "timm",
+            "image",
+            "a timm / torchvision image backbone (efficientnet-lite0, a local timm model...) with a linear head",
+            "distac.models.vision:VisionClassifier",
+        ),
+        ModelFamily("vision", "image", "another name for timm", "distac.models.vision:VisionClassifier"),
+    )
+}
+
+
+def model_family(family: str) -> ModelFamily:
+    """The registry entry of ``family``; an unknown family is a ConfigError listing the known ones."""
+    if family not in MODEL_FAMILY_INFO:
+        raise ConfigError(f"unknown model family {family!r}; known: {sorted(MODEL_FAMILY_INFO)}")
+    return MODEL_FAMILY_INFO[family]
+
+
+def model_family_help() -> str:
+    """The families and what each is, for ``--family``'s help (built from the registry, so it cannot
+    drift from what :func:`model_family` accepts)."""
+    return "; ".join(f"{f.name}: {f.summary} ({f.inputs} tasks)" for f in MODEL_FAMILY_INFO.values())
+
+
+def check_family_fits_task(family: str, task: Any, model_source: object = None) -> None:
+    """Refuse to pair a model of ``family`` with a task of the other kind of data (text vs images).
+
+    The one check every command that pairs a model with a task runs (finetune before it builds the
+    model, the others through :meth:`ClassifierModel.check_task`), before any weights are loaded or
+    examples encoded. ``task`` is a :class:`~distac.data.TaskData` (its ``name``, ``kind``, ``source``);
+    a task without a ``kind``, or a family outside the registry (a subclass of a library user's own, which
+    :func:`model_family` reports where a model is built), is not checked."""
+    info = MODEL_FAMILY_INFO.get(family)
+    kind = getattr(task, "kind", None)
+    if info is None or kind is None or kind == info.inputs:
+        return
+    fitting = [f.name for f in MODEL_FAMILY_INFO.values() if f.inputs == kind]
+    model = f"{model_source} (family {family!r})" if model_source is not None else f"model family {family!r}"
+    raise DataError(
+        f"{getattr(task, 'source', '') or task.name}: task {task.name!r} is {_a(kind)} {kind} task, but {model} reads "
+        f"{info.inputs}: use {_a(kind)} {kind} model family ({', '.join(fitting)}) with a matching backbone for this "
+        f"task, or {_a(info.inputs)} {info.inputs} task for this model"
+    )
+
+
+def _a(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
 
 
 #: The ``options`` (experiment configs: ``model_options``) each family reads; anything else is a typo.
@@ -197,7 +299,9 @@ class ClassifierModel(nn.Module, ABC):
     def check_task(self, task: Any, split: str | None = None, model_source: object = None) -> None:
         """A task with another number of classes than this model's head is an error (even when its labels
         happen to fit), and so are labels outside the head; ``split`` also checks that split's labels.
-        ``model_source`` (the model's directory) is named in the error too."""
+        ``model_source`` (the model's directory) is named in the error too. A task of the other kind of
+        data (images for a text model, text for an image model) is refused first."""
+        check_family_fits_task(self.spec.family, task, model_source)
         if task.num_classes != self.spec.num_labels:
             model = f"the model head of {model_source}" if model_source is not None else "the model head"
             raise DataError(

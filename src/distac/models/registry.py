@@ -16,12 +16,12 @@ import torch
 from distac.atomic import atomic_directory, atomic_write_json
 from distac.checkpoints import load_state_dict, write_weights
 from distac.errors import CheckpointError, ConfigError
-from distac.models.base import SPEC_FILE, ClassifierModel, ModelSpec
+from distac.models.base import MODEL_FAMILY_INFO, SPEC_FILE, ClassifierModel, ModelSpec, model_family
 from distac.task_vectors import check_compatible
 
 ARCHITECTURE_DIR = "architecture"
-#: Model families :func:`build_model` knows (``ModelSpec.family``).
-MODEL_FAMILIES = ("hf-text", "clip", "timm", "vision")
+#: Model families :func:`build_model` knows (``ModelSpec.family``), from the registry in ``base``.
+MODEL_FAMILIES = tuple(MODEL_FAMILY_INFO)
 
 
 def _quiet_transformers() -> None:
@@ -36,20 +36,10 @@ def _quiet_transformers() -> None:
 
 
 def _model_class(family: str) -> type[ClassifierModel]:
+    """The adapter class of ``family`` (the registry ``MODEL_FAMILY_INFO``; ConfigError if unknown)."""
+    info = model_family(family)
     _quiet_transformers()
-    from distac.models.clip import CLIPClassifier
-    from distac.models.text import TextClassifier
-    from distac.models.vision import VisionClassifier
-
-    classes: dict[str, type[ClassifierModel]] = {
-        "hf-text": TextClassifier,
-        "clip": CLIPClassifier,
-        "timm": VisionClassifier,
-        "vision": VisionClassifier,
-    }
-    if family not in classes:
-        raise ConfigError(f"unknown model family {family!r}; known: {sorted(classes)}")
-    return classes[family]
+    return info.model_class()
 
 
 def resolve_backbone(backbone: str) -> str:
