@@ -66,12 +66,21 @@ def run_identity(
     resumed on another and saved a model that is half of each (or crashed on an index past the data)."""
     identity = {
         f"{IDENTITY_PREFIX}task": str(task.name),
-        f"{IDENTITY_PREFIX}model": json.loads(json.dumps(spec.to_json(), default=str)),
+        f"{IDENTITY_PREFIX}model": _model_identity(spec),
         f"{IDENTITY_PREFIX}data": data_fingerprint(inputs, labels),
     }
     if teacher is not None:
         identity[f"{IDENTITY_PREFIX}teacher"] = weights_fingerprint(teacher)
     return identity
+
+
+def _model_identity(spec: Any) -> dict[str, Any]:
+    """The model spec as a resume state records it, without ``task_source``: where the task's data was
+    read from (a dataset path the CLI records, the library does not) says nothing about what is trained,
+    and the data itself is fingerprinted apart, so a state saved by the library resumes under the CLI."""
+    record = json.loads(json.dumps(spec.to_json(), default=str))
+    record.pop("task_source", None)
+    return record
 
 
 def data_fingerprint(inputs: Any, labels: Any = None, sample: int = 64) -> str:
