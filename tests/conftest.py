@@ -41,6 +41,38 @@ def killed_after_saving(monkeypatch: pytest.MonkeyPatch, module: object, name: s
         monkeypatch.setattr(module, name, original)
 
 
+def cli_ok(args: list[str]) -> str:
+    """Run the distac CLI in-process; it must succeed. Its output."""
+    from typer.testing import CliRunner
+
+    from distac.cli import app
+
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def cli_failure(args: list[str], *needles: str) -> str:
+    """Run the distac CLI in-process; it must fail as its users see it: a DistacError (one red line, exit 2)
+    or a usage error (exit 2), whose message holds every needle. The message (a usage error's with rich's
+    box characters and line wrapping removed)."""
+    from typer.testing import CliRunner
+
+    from distac.cli import app
+    from distac.errors import DistacError
+
+    result = CliRunner().invoke(app, args)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        assert isinstance(result.exception, DistacError), repr(result.exception)
+        message = str(result.exception)
+    else:
+        assert result.exit_code == 2, result.output
+        message = " ".join(result.output.replace("│", " ").split())
+    for needle in needles:
+        assert needle in message, message
+    return message
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     from distac.data import default_data_root

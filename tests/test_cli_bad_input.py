@@ -11,36 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli_failure as _fails
+from conftest import cli_ok as _ok
 from conftest import save_tiny_bert
-from typer.testing import CliRunner
 
-from distac.cli import app
 from distac.errors import DistacError
-
-runner = CliRunner()
-
-
-def _ok(args: list[str]) -> str:
-    result = runner.invoke(app, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
-def _fails(args: list[str], *needles: str) -> str:
-    """The command fails as the CLI's users see it: a DistacError (one red line, exit 2) or a usage
-    error (exit 2), whose message holds every needle."""
-    result = runner.invoke(app, args)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        assert isinstance(result.exception, DistacError), repr(result.exception)
-        message = str(result.exception)
-    else:
-        assert result.exit_code == 2, result.output
-        message = " ".join(result.output.split())  # rich wraps usage errors over lines
-        message = message.replace("│", " ")
-        message = " ".join(message.split())
-    for needle in needles:
-        assert needle in message, message
-    return message
 
 
 @pytest.fixture(scope="module")

@@ -11,33 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli_failure as _fails
+from conftest import cli_ok as _ok
 from typer.testing import CliRunner
 
 from distac.cli import app
-from distac.errors import ConfigError, DistacError
+from distac.errors import ConfigError
 
 runner = CliRunner()
 FAST = ["--steps", "1", "--batch-size", "8", "--train-examples", "16", "--max-length", "16", "--device", "cpu"]
-
-
-def _ok(args: list[str]) -> str:
-    result = runner.invoke(app, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
-def _fails(args: list[str], *needles: str) -> str:
-    """The command fails as users see it (a DistacError or a usage error, exit 2) with every needle."""
-    result = runner.invoke(app, args)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        assert isinstance(result.exception, DistacError), repr(result.exception)
-        message = str(result.exception)
-    else:
-        assert result.exit_code == 2, result.output
-        message = " ".join(result.output.replace("│", " ").split())  # rich wraps usage errors over lines
-    for needle in needles:
-        assert needle in message, message
-    return message
 
 
 def _write_text_task(directory: Path) -> Path:

@@ -19,12 +19,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-from distac.cli import app
-from distac.errors import DistacError
-
-runner = CliRunner()
+from conftest import cli_failure
+from conftest import cli_ok as _ok
 
 
 def _flat(text: str) -> str:
@@ -32,20 +28,9 @@ def _flat(text: str) -> str:
     return " ".join(text.replace("│", " ").split())
 
 
-def _ok(args: list[str]) -> str:
-    result = runner.invoke(app, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
 def _fails(args: list[str]) -> str:
     """The flattened message of a command that fails as users see it (a DistacError or a usage error)."""
-    result = runner.invoke(app, args)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        assert isinstance(result.exception, DistacError), repr(result.exception)
-        return _flat(str(result.exception))
-    assert result.exit_code == 2, result.output
-    return _flat(result.output)
+    return _flat(cli_failure(args))
 
 
 def _data(data_root: Path) -> list[str]:

@@ -67,7 +67,6 @@ def register(app: typer.Typer) -> None:
             # the report directory replaces the output: never over a model it reads
             check_output_path(output, [*models, *individual])
         models = expand_model_dirs(models)
-        check_individual_count(models, individual)
         with report_directory(output) as directory:  # written only once every model was evaluated
             table = evaluate_paths(
                 models,
@@ -126,17 +125,3 @@ def register(app: typer.Typer) -> None:
                 f"temperature saved to {path}/calibration.json; distac evaluate applies it from now on",
                 markup=False,
             )
-
-
-def check_individual_count(models: list[Path], individual: list[Path]) -> None:
-    """One ``--individual`` per evaluated model, or none. The usual slip is ``--individual a b c``: a
-    list option takes one value per flag, so ``b`` and ``c`` are silently evaluated as models and the
-    counts then disagree. Say so, with the repeated form, rather than only the two counts."""
-    if not individual or len(individual) == len(models):
-        return
-    shown = ", ".join(map(str, models[:6])) + (f" and {len(models) - 6} more" if len(models) > 6 else "")
-    raise typer.BadParameter(
-        f"--individual must name one model per evaluated model, in the same order: got {len(individual)} "
-        f"for {len(models)} (evaluated: {shown}). Repeat the option once per model: "
-        "--individual A --individual B; in '--individual A B' only A is a reference and B is evaluated as a model"
-    )

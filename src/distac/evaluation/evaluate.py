@@ -58,9 +58,13 @@ def evaluate_paths(
     beside it) is scored with its logits divided by that temperature unless ``use_temperature`` is
     off: accuracy stays, entropy, ECE and NLL are the calibrated model's. Each row says which T."""
     if individual is not None and len(individual) != len(models):
+        # the usual slip is ``--individual a b c``: a list option takes one value per flag, so b and c are
+        # evaluated as models and the counts disagree. Say so, with the repeated form
+        shown = ", ".join(map(str, models[:6])) + (f" and {len(models) - 6} more" if len(models) > 6 else "")
         raise ConfigError(
-            f"--individual must list one model per evaluated model, in the same order: got {len(individual)} "
-            f"for {len(models)}"
+            f"--individual must name one model per evaluated model, in the same order: got {len(individual)} "
+            f"for {len(models)} (evaluated: {shown}). Repeat the option once per model: --individual A "
+            "--individual B; in '--individual A B' only A is a reference and B is evaluated as a model"
         )
     if individual is not None:  # before any work: a reference for another task makes "normalized" meaningless
         for path, reference in zip(models, individual, strict=True):
