@@ -146,10 +146,10 @@ def test_condition_only_shrinks_and_never_compares_a_source_with_itself(
     fast = ["--steps", "1", "--batch-size", "8", "--unlabeled", "16", "--device", "cpu", "--data-root", str(data_root)]
     out = str(tmp_path / "c")
     for kappa in ("2", "1.5", "0", "-0.5", "nan"):  # kappa 2 used to stretch the task vector silently
-        _fails(["condition", str(models["sst2"]), "-o", out, "--kappa", kappa, *fast], "--kappa must be in (0, 1]")
+        _fails(["condition", str(models["sst2"]), "-o", out, "--kappa", kappa, *fast], "--kappa must be in (0.0, 1.0]")
     config = tmp_path / "condition.yaml"
     config.write_text("kappa: 3\n")  # the config's kappa too
-    _fails(["condition", str(models["sst2"]), "-o", out, "--config", str(config), *fast], "(0, 1]")
+    _fails(["condition", str(models["sst2"]), "-o", out, "--config", str(config), *fast], "(0.0, 1.0]")
     monkeypatch.chdir(models["sst2"].parent)  # the source under another spelling of its path
     _fails(["condition", str(models["sst2"]), "-o", out, "--kappa", "auto", "--others", f"./{models['sst2'].name}",
             *fast], "--others holds the conditioned source")  # fmt: skip

@@ -12,6 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from distac.merging.base import MERGE_RECORD
+
 console = Console(stderr=False)
 
 
@@ -105,10 +107,6 @@ def report_directory(output: Path | None) -> Iterator[Path | None]:
 
     with atomic_directory(output) as tmp:
         yield tmp
-
-
-#: The record ``distac merge`` writes at the top of its output (and into each per-task model).
-MERGE_RECORD = "merge.json"
 
 
 def expand_model_dirs(paths: Sequence[Path]) -> list[Path]:

@@ -127,13 +127,17 @@ def _fixed_kappa(kappa: str) -> float:
     it, and both used to run silently. ``ConditionConfig`` refuses them as well; this names the flag."""
     import math
 
+    from distac.conditioning.distac import KAPPA_INTERVAL
+    from distac.config import outside_interval
+
     try:
         value = float(kappa)
     except ValueError:
         raise typer.BadParameter(f"--kappa must be a number in (0, 1] or 'auto', got {kappa!r}") from None
-    if not (math.isfinite(value) and 0.0 < value <= 1.0):
+    interval = outside_interval(value, **KAPPA_INTERVAL) if math.isfinite(value) else "(0.0, 1.0]"
+    if interval:
         raise typer.BadParameter(
-            f"--kappa must be in (0, 1], got {kappa}: DisTaC only shrinks a task vector (kappa < 1 for a source "
+            f"--kappa must be in {interval}, got {kappa}: DisTaC only shrinks a task vector (kappa < 1 for a source "
             "longer than the others, 1 to keep its length), it never stretches or flips one"
         )
     return value

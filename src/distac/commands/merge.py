@@ -26,6 +26,7 @@ import typer
 from distac.commands.common import (
     DATA_ROOT_OPTION,
     DEVICE_OPTION,
+    MERGE_RECORD,
     METHOD_SET_OPTION,
     console,
     print_table,
@@ -397,7 +398,7 @@ def _merge_checkpoints(
         merged = apply_merge(pre, result, coef)
         check_state_finite(merged, what)  # a model distac itself would refuse to load is never written
         save_state_dict(
-            merged, output, max_shard_bytes=shard_bytes, copy_config_from=pretrained, extra_json={"merge.json": record}
+            merged, output, max_shard_bytes=shard_bytes, copy_config_from=pretrained, extra_json={MERGE_RECORD: record}
         )
         return record
     with atomic_directory(output) as tmp:  # all per-task models appear together, or none does
@@ -409,9 +410,9 @@ def _merge_checkpoints(
                 tmp / str(task),
                 max_shard_bytes=shard_bytes,
                 copy_config_from=pretrained,
-                extra_json={"merge.json": record},
+                extra_json={MERGE_RECORD: record},
             )
-        atomic_write_json(tmp / "merge.json", record)  # the record at the top too, as for one merged model
+        atomic_write_json(tmp / MERGE_RECORD, record)  # the record at the top too, as for one merged model
     return record
 
 
@@ -528,8 +529,8 @@ def _merge_distac_models(
                     batch_size=settings.batch_size,
                     device=device,
                 )
-            save_model(model.cpu(), tmp / name, extra={"merge.json": record})
-        atomic_write_json(tmp / "merge.json", record)
+            save_model(model.cpu(), tmp / name, extra={MERGE_RECORD: record})
+        atomic_write_json(tmp / MERGE_RECORD, record)
     return record
 
 

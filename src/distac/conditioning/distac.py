@@ -76,6 +76,11 @@ STATE_FILE = "condition_state.pt"
 SHARDED_STATE_DIR = "condition_state_fsdp"  # FSDP runs: accelerate's sharded checkpoint
 
 
+#: Where kappa may lie: (0, 1]. DisTaC shrinks a too-long task vector (kappa < 1) or keeps its length
+#: (kappa = 1); above 1 it would lengthen it, the harm being removed, and at or below 0 remove or flip it.
+KAPPA_INTERVAL: dict[str, Any] = {"low": 0.0, "high": 1.0, "low_inclusive": False}
+
+
 @dataclass
 class ConditionConfig:
     kappa: float = 1.0
@@ -122,7 +127,7 @@ class ConditionConfig:
         # kappa only shrinks a task vector (a too-long source, kappa < 1) or keeps it (kappa = 1): above 1
         # it would lengthen it, the very harm DisTaC removes (scaling_coefficient never exceeds 1)
         c = "condition"
-        check_option(c, "kappa", self.kappa, low=0.0, high=1.0, low_inclusive=False)
+        check_option(c, "kappa", self.kappa, **KAPPA_INTERVAL)
         check_option(c, "steps", self.steps, low=1, integer=True)
         check_option(c, "lr", self.lr, low=0.0, high=10.0, low_inclusive=False)
         check_option(c, "batch_size", self.batch_size, low=1, integer=True)

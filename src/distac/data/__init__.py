@@ -1,7 +1,7 @@
 """Datasets: real tasks with train / validation / test splits, from the shared data or standard formats."""
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from distac.data.formats import load_hf_dataset, load_image_folder, load_table_task, read_table
 from distac.data.shared import available_tasks, canonical_task, default_data_root, load_shared_task
@@ -28,16 +28,21 @@ def load_task(
     (``ModelSpec.task_source``; see :func:`load_model_task`): a bare name the data root does not hold
     is read from there, so such a model is scored next to models of the shared tasks without a
     ``--data-root`` that would hide the shared data. The data root still comes first."""
-    name = str(name_or_path)
-    path = Path(name)
-    bare = path.name == name and name not in (".", "..")
-    if bare and _is_known_task_name(name):
-        return _load_named(name, data_root, recorded_path)
-    if path.exists():
-        return _load_path(path, path.stem if path.suffix == ".npz" else path.name)
-    if bare:
-        return _load_named(name, data_root, recorded_path)
-    raise DataError(f"{path}: no such dataset file or directory")
+    where = _locate(name_or_path, data_root, recorded_path)
+    if where.own is not None:
+        return _load_path(where.own, where.name)
+    try:
+        return load_shared_task(where.name, where.root)  # its error names the missing shared file or the known tasks
+    except DataError as error:
+        if where.shared:
+            raise
+        recorded, root, name = recorded_path, where.root, where.name
+        gone = f"; the model's own dataset {recorded} is gone too" if recorded is not None else ""
+        raise DataError(
+            f"{error} (nor is there a dataset {root / name} or {root / name}.npz{gone}). Give --data-root DIR "
+            f"holding {name}/ or {name}.npz, or the dataset's path (--task PATH where the command takes one); "
+            "a model fine-tuned on a dataset path records it and finds it there while it exists"
+        ) from None
 
 
 def task_dataset_path(name_or_path: str, data_root: str | Path | None = None) -> Path | None:
@@ -46,19 +51,7 @@ def task_dataset_path(name_or_path: str, data_root: str | Path | None = None) ->
     shared data's layout (sst2, mnist...). ``distac finetune`` records this path with the model
     (``ModelSpec.task_source``) so later commands find the data without that ``--data-root``. A path
     that does not exist and has a directory part is a DataError, as in :func:`load_task`."""
-    name = str(name_or_path)
-    path = Path(name)
-    bare = path.name == name and name not in (".", "..")
-    if not (bare and _is_known_task_name(name)) and path.exists():
-        return path.resolve()
-    if not bare:
-        raise DataError(f"{path}: no such dataset file or directory")
-    from distac.data.shared import shared_task_present
-
-    root = Path(data_root) if data_root else default_data_root()
-    if shared_task_present(name, root):
-        return None
-    own = _own_dataset(name, root)
+    own = _locate(name_or_path, data_root).own
     return own.resolve() if own is not None else None
 
 
@@ -73,34 +66,44 @@ def load_model_task(spec: Any, data_root: str | Path | None = None, default: str
     return load_task(name, data_root, recorded_path=getattr(spec, "task_source", None))
 
 
-def _load_named(name: str, data_root: str | Path | None, recorded_path: str | Path | None = None) -> TaskData:
-    """The shared data's task ``name`` if its files are there, else ``<root>/<name>[.npz]``, else the
-    model's ``recorded_path`` (its dataset when it was fine-tuned) if that still exists."""
+class _Location(NamedTuple):
+    """Where :func:`load_task` reads a task: a dataset of the user's own at ``own``, else the shared data's
+    layout under ``root`` (``shared``: its files are there; if not, loading it raises the error that
+    names what is missing)."""
+
+    name: str
+    own: Path | None
+    root: Path | None
+    shared: bool
+
+
+def _locate(
+    name_or_path: str | Path, data_root: str | Path | None, recorded_path: str | Path | None = None
+) -> _Location:
+    """The one resolver behind :func:`load_task` and :func:`task_dataset_path`. A path that exists is the
+    dataset (unless it is the bare name of a shared task); a bare name is the shared data's task if its
+    files are in the data root, else ``<root>/<name>[.npz]``, else the model's ``recorded_path`` (its
+    dataset when it was fine-tuned) while that exists."""
     from distac.data.shared import shared_task_present
 
+    name = str(name_or_path)
+    path = Path(name)
+    bare = path.name == name and name not in (".", "..")
+    if not (bare and _is_known_task_name(name)) and path.exists():
+        return _Location(path.stem if path.suffix == ".npz" else path.name, path, None, False)
+    if not bare:
+        raise DataError(f"{path}: no such dataset file or directory")
     recorded = Path(recorded_path) if recorded_path else None
+    recorded = recorded if recorded is not None and recorded.exists() else None
     try:
         root = Path(data_root) if data_root else default_data_root()
     except DataError:  # no shared data at all: a model's own dataset needs none
-        if recorded is not None and recorded.exists():
-            return _load_path(recorded, name)
+        if recorded is not None:
+            return _Location(name, recorded, None, False)
         raise
     if shared_task_present(name, root):
-        return load_shared_task(name, root)
-    own = _own_dataset(name, root)
-    if own is not None:
-        return _load_path(own, name)
-    if recorded is not None and recorded.exists():
-        return _load_path(recorded, name)
-    try:
-        return load_shared_task(name, root)  # its error names the missing shared file or the known tasks
-    except DataError as error:
-        gone = f"; the model's own dataset {recorded} is gone too" if recorded is not None else ""
-        raise DataError(
-            f"{error} (nor is there a dataset {root / name} or {root / name}.npz{gone}). Give --data-root DIR "
-            f"holding {name}/ or {name}.npz, or the dataset's path (--task PATH where the command takes one); "
-            "a model fine-tuned on a dataset path records it and finds it there while it exists"
-        ) from None
+        return _Location(name, None, root, True)
+    return _Location(name, _own_dataset(name, root) or recorded, root, False)
 
 
 def _own_dataset(name: str, root: Path) -> Path | None:

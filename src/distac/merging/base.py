@@ -40,6 +40,10 @@ StateDict = dict[str, torch.Tensor]
 KeyPredicate = Callable[[str, torch.Tensor], bool]
 MatrixRule = str | KeyPredicate | Collection[str]
 
+#: The record a merge writes at the top of its output (and into each per-task model): method,
+#: hyperparameters, sources, weights. ``evaluate``/``diagnose``/``calibrate`` recognise a merge folder by it.
+MERGE_RECORD = "merge.json"
+
 
 class MergeConfigError(ConfigError):
     """Bad merge input or hyperparameter; the message names the parameter or key at fault.

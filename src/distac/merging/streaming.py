@@ -82,6 +82,7 @@ from distac.checkpoints import (
 )
 from distac.errors import CheckpointError
 from distac.merging.base import (
+    MERGE_RECORD,
     MergeConfigError,
     MergeMethod,
     json_float,
@@ -670,7 +671,7 @@ def streaming_merge(
             info,
             ties_state,
         )
-        atomic_write_json(tmp / "merge.json", record)
+        atomic_write_json(tmp / MERGE_RECORD, record)
     return record
 
 
