@@ -207,8 +207,15 @@ def test_tasks_command_lists_a_roots_own_datasets_and_names_unusable_folders(tmp
                     tmp_path / "pets" / split / label / f"{i}.png"
                 )
     (tmp_path / "junk").mkdir()
+    # a folder of the text layout that is not a classification task (the shared data's stsb) is named too
+    (tmp_path / "text" / "scores").mkdir(parents=True)
+    for split in ("train", "test"):
+        rows = "".join(f"s{i}\t{i / 7:.3f}\n" for i in range(9))
+        (tmp_path / "text" / "scores" / f"{split}.tsv").write_text("text_a\tlabel\n" + rows)
     result = CliRunner().invoke(app, ["tasks", "--data-root", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "pets" in result.output and "not a usable dataset: junk" in result.output
+    flat = " ".join(result.output.split())  # rich wraps long lines
+    assert "not a usable dataset: scores" in flat and "regression task?" in flat
     missing = CliRunner().invoke(app, ["tasks", "--data-root", str(tmp_path / "nowhere")])
     assert isinstance(missing.exception, DataError) and "no such data directory" in str(missing.exception)

@@ -94,6 +94,12 @@ def available_tasks(root: str | Path | None = None) -> dict[str, str]:
     user's dataset named after its task (``<root>/<name>`` or ``<root>/<name>.npz``, see ``load_task``)."""
     root = Path(root) if root else default_data_root()
     out = {t: "text" for t in TEXT_TASKS if shared_task_present(t, root)}
+    # other folders of the text layout (the shared data's stsb): listed so that ``distac tasks`` says why
+    # one is unusable (STS-B's scores are continuous) instead of leaving it out without a word
+    text_dir = root / "text"
+    for entry in sorted(text_dir.iterdir()) if text_dir.is_dir() else []:
+        if entry.is_dir() and not entry.name.startswith(".") and (entry / "train.tsv").is_file():
+            out.setdefault(entry.name, "text")
     out.update({t: "image" for t in VISION_TASKS if shared_task_present(t, root)})
     for entry in sorted(root.iterdir()) if root.is_dir() else []:
         name = entry.stem if entry.suffix == ".npz" else entry.name
