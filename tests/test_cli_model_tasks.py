@@ -1,7 +1,8 @@
 """How the model commands pair a model with its task, from an audit of the CLI: a model fine-tuned on a
 dataset path is found again by the commands that score it, a text model is never fed images (nor an image
 model text), ``condition`` only shrinks a task vector, ``--family``'s help lists the registry's families,
-and finetune.json records the training subset it used. Each test failed before its fix."""
+and finetune.json records the training subset it used, and ``merge --streaming`` refuses distac model
+directories. Each test failed before its fix."""
 
 from __future__ import annotations
 
@@ -180,3 +181,14 @@ def test_finetune_records_the_training_subset_it_used_and_trains_on_the_same_exa
     saved = load_model(models["sst2"]).state_dict()
     for key, value in model.state_dict().items():
         assert torch.equal(value, saved[key]), key
+
+
+def test_streaming_merge_of_distac_models_is_refused_before_any_work(
+    models: dict[str, Path], tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """A streamed merge writes one checkpoint; distac models keep a head per task. It used to stream the
+    model files as plain checkpoints and write one model whose head merged the unrelated task heads."""
+    out = tmp_path / "streamed"
+    _fails(["merge", str(models["sst2"]), str(models["mytask"]), "-m", "task_arithmetic", "-l", "0.3",
+            "-p", str(tiny_bert_dir), "--streaming", "-o", str(out)], "drop --streaming")  # fmt: skip
+    assert not out.exists()

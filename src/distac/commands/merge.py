@@ -235,7 +235,13 @@ def _check_flag_combinations(
         raise typer.BadParameter("--grid is the coefficient grid of --search; add --search or drop --grid")
     if streaming and device not in ("auto", "cpu"):
         raise typer.BadParameter(f"--streaming merges tensor by tensor on the CPU; drop --device {device}")
-    if patterns and distac_models and not streaming:
+    if streaming and distac_models:
+        raise typer.BadParameter(
+            "--streaming merges plain (sharded) checkpoints tensor by tensor; distac model directories keep a head "
+            "(and BatchNorm statistics) per task, which a single streamed checkpoint cannot: drop --streaming "
+            "(they merge in memory, one backbone at a time)"
+        )
+    if patterns and distac_models:
         raise typer.BadParameter(
             "--include/--exclude apply to plain checkpoints; distac model directories merge their backbone "
             "(heads and BatchNorm statistics stay per task)"
