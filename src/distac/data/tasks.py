@@ -40,7 +40,12 @@ class Split:
         return Split([self.inputs[i] for i in index], self.labels[index])
 
     def subsample(self, n: int | None, seed: int = 0, stratified: bool = True) -> Split:
-        """A fixed random subset of at most ``n`` examples (stratified by label by default)."""
+        """A fixed random subset of at most ``n`` examples (stratified by label by default).
+
+        Stratified, each class gets the floor of its share of ``n`` (at least one), so the subset can be a
+        few examples short of ``n`` (``diagnose --examples 100`` on a 3-class task scores 99). This is kept
+        as it is: every committed result under ``results/`` was made on exactly these subsets, and a
+        top-up would change them."""
         if n is not None and n < 1:
             raise DataError(f"a subset needs at least 1 example, got {n}")
         if n is None or n >= len(self):
