@@ -114,6 +114,13 @@ def outside_interval(
     too_high = high is not None and (value > high or (not high_inclusive and value == high))
     if not (too_low or too_high):
         return None
+    return interval_text(low, high, low_inclusive, high_inclusive)
+
+
+def interval_text(
+    low: float | None, high: float | None, low_inclusive: bool = True, high_inclusive: bool = True
+) -> str:
+    """An interval as error messages write it: ``[0, 1)``, ``(0.0, 1.0]``, ``[1, inf]``."""
     left = "[" if low_inclusive else "("
     right = "]" if high_inclusive else ")"
     return f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"

@@ -128,16 +128,15 @@ def _fixed_kappa(kappa: str) -> float:
     import math
 
     from distac.conditioning.distac import KAPPA_INTERVAL
-    from distac.config import outside_interval
+    from distac.config import interval_text, outside_interval
 
     try:
         value = float(kappa)
     except ValueError:
         raise typer.BadParameter(f"--kappa must be a number in (0, 1] or 'auto', got {kappa!r}") from None
-    interval = outside_interval(value, **KAPPA_INTERVAL) if math.isfinite(value) else "(0.0, 1.0]"
-    if interval:
+    if not math.isfinite(value) or outside_interval(value, **KAPPA_INTERVAL):
         raise typer.BadParameter(
-            f"--kappa must be in {interval}, got {kappa}: DisTaC only shrinks a task vector (kappa < 1 for a source "
-            "longer than the others, 1 to keep its length), it never stretches or flips one"
+            f"--kappa must be in {interval_text(**KAPPA_INTERVAL)}, got {kappa}: DisTaC only shrinks a task vector "
+            "(kappa < 1 for a source longer than the others, 1 to keep its length), it never stretches or flips one"
         )
     return value

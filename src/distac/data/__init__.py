@@ -36,8 +36,8 @@ def load_task(
     except DataError as error:
         if where.shared:
             raise
-        recorded, root, name = recorded_path, where.root, where.name
-        gone = f"; the model's own dataset {recorded} is gone too" if recorded is not None else ""
+        root, name = where.root, where.name
+        gone = f"; the model's own dataset {recorded_path} is gone too" if recorded_path else ""
         raise DataError(
             f"{error} (nor is there a dataset {root / name} or {root / name}.npz{gone}). Give --data-root DIR "
             f"holding {name}/ or {name}.npz, or the dataset's path (--task PATH where the command takes one); "
